@@ -1,0 +1,152 @@
+"""The clip record: encoding a synthesised clip to a Parquet row and reading a clip dataset back.
+
+Row schema (one row per clip; SCHEMA_VERSION below):
+  clip_id int64, seed int64, photo string, background string, background_start int32,
+  shifted bool, frames / fgr / bgr list<binary> (per-frame JPEG), alpha list<binary> (per-frame
+  8-bit grey PNG, lossless), flow binary (int16 little-endian [T,H,W,2], pixels = value / flow_scale),
+  flow_scale float32, height int32, width int32, num_frames int32, info string (JSON).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from matting_core import storage
+from matting_core.fakemotion import Clip
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "ClipRecord", "encode_clip", "decode_row",
+           "iter_clips", "list_shards", "shard_name", "write_shard"]
+
+SCHEMA_VERSION = 1
+# int16 fixed point: 1/32 px steps, +-1024 px per frame covers any motion the generator makes.
+FLOW_SCALE = 32.0
+
+SCHEMA = pa.schema([
+    ("clip_id", pa.int64()), ("seed", pa.int64()), ("photo", pa.string()), ("background", pa.string()),
+    ("background_start", pa.int32()), ("shifted", pa.bool_()),
+    ("frames", pa.list_(pa.binary())), ("fgr", pa.list_(pa.binary())), ("bgr", pa.list_(pa.binary())),
+    ("alpha", pa.list_(pa.binary())), ("flow", pa.binary()), ("flow_scale", pa.float32()),
+    ("height", pa.int32()), ("width", pa.int32()), ("num_frames", pa.int32()), ("info", pa.string()),
+])
+
+
+@dataclass
+class ClipRecord:
+    """A decoded clip. frames/fgr/bgr uint8 [T,H,W,3] RGB; alpha float32 [T,H,W] in [0,1];
+    flow float32 [T,H,W,2] backward foreground flow (DESIGN.md)."""
+
+    clip_id: int
+    seed: int
+    photo: str
+    background: str
+    shifted: bool
+    frames: np.ndarray
+    fgr: np.ndarray
+    bgr: np.ndarray
+    alpha: np.ndarray
+    flow: np.ndarray
+    info: dict
+
+
+def _jpeg(img: np.ndarray, quality: int) -> bytes:
+    # 4:4:4 sampling: chroma subsampling smears colour across the soft edges the matte describes.
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality),
+                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _png(gray: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", gray, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_clip(clip: Clip, clip_id: int, seed: int, photo: str, background: str,
+                background_start: int, jpeg_quality: int = 95) -> dict:
+    """One Parquet row (a dict following SCHEMA) for a synthesised clip."""
+    T, H, W = clip.alpha.shape
+    flow = np.clip(np.rint(clip.flow * FLOW_SCALE), -32768, 32767).astype("<i2")
+    return {
+        "clip_id": int(clip_id), "seed": int(seed), "photo": photo, "background": background,
+        "background_start": int(background_start), "shifted": bool(clip.shifted),
+        "frames": [_jpeg(f, jpeg_quality) for f in clip.frames],
+        "fgr": [_jpeg(f, jpeg_quality) for f in clip.fgr],
+        "bgr": [_jpeg(f, jpeg_quality) for f in clip.bgr],
+        "alpha": [_png(a) for a in clip.alpha],
+        "flow": flow.tobytes(), "flow_scale": FLOW_SCALE,
+        "height": H, "width": W, "num_frames": T, "info": json.dumps(clip.info, sort_keys=True),
+    }
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def decode_row(row: dict) -> ClipRecord:
+    """A ClipRecord from one row (as `pyarrow` `to_pylist` gives it)."""
+    T, H, W = row["num_frames"], row["height"], row["width"]
+    alpha = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED) for b in row["alpha"]])
+    flow = np.frombuffer(row["flow"], "<i2").reshape(T, H, W, 2).astype(np.float32) / row["flow_scale"]
+    return ClipRecord(
+        clip_id=row["clip_id"], seed=row["seed"], photo=row["photo"], background=row["background"],
+        shifted=row["shifted"],
+        frames=np.stack([_decode_rgb(b) for b in row["frames"]]),
+        fgr=np.stack([_decode_rgb(b) for b in row["fgr"]]),
+        bgr=np.stack([_decode_rgb(b) for b in row["bgr"]]),
+        alpha=alpha.astype(np.float32) / 255.0, flow=flow, info=json.loads(row.get("info") or "{}"),
+    )
+
+
+def shard_name(start: int, stop: int) -> str:
+    """File name of the shard holding clips start..stop-1 (same on every rerun)."""
+    return f"clips-{start:08d}-{stop - 1:08d}.parquet"
+
+
+def list_shards(uri: str) -> list[str]:
+    """URIs of the finished shards of a dataset, in clip order."""
+    clips = storage.join(uri, "clips")
+    if not storage.exists(clips):
+        return []
+    return [u for u in storage.list_files(clips, recursive=False)
+            if posixpath.basename(u).startswith("clips-") and u.endswith(".parquet")]
+
+
+def write_shard(uri: str, rows: list[dict], metadata: dict | None = None) -> None:
+    """Write rows as one Parquet shard at `uri`, atomically; one row group per clip."""
+    meta = {b"matting": json.dumps(metadata or {}, sort_keys=True).encode()}
+    with storage.open_atomic(uri, "wb") as f:
+        with pq.ParquetWriter(f, SCHEMA.with_metadata(meta), compression="zstd", compression_level=1,
+                              use_dictionary=False, write_statistics=False) as writer:
+            for row in rows:
+                writer.write_table(pa.Table.from_pylist([row], schema=SCHEMA))
+
+
+def shard_metadata(uri: str) -> tuple[int, dict]:
+    """(row count, the job's metadata) from a shard's footer, without reading its data."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        md = pq.ParquetFile(f).metadata
+        kv = md.metadata or {}
+        return md.num_rows, json.loads(kv.get(b"matting", b"{}"))
+
+
+def iter_clips(uri: str, columns: list[str] | None = None) -> Iterator[ClipRecord]:
+    """Yield every clip of a dataset (`OUT` of `matting generate`) in clip order, one at a time."""
+    for shard in list_shards(uri):
+        fs, path = storage.filesystem(shard)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=1, columns=columns):
+                for row in batch.to_pylist():
+                    yield decode_row(row)

@@ -1,0 +1,206 @@
+"""Reading videos with PyAV, and folders of numbered frames as if they were videos.
+
+Frames are numpy uint8 `[H,W,3]` RGB. A video is probed by decoding it fully, because the only
+reliable frame count is the decoded one (a truncated AVI declares 795 frames and decodes 194).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import av
+import cv2
+import numpy as np
+
+from matting_core import storage
+
+__all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
+           "frame_files", "decode_image", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_NUMBERED = re.compile(r"^(?:.*?[^0-9])?(\d+)$")
+# A decoder may legitimately emit a frame or two fewer than the container declares.
+_COUNT_TOLERANCE = 2
+
+ErrorCallback = Callable[[int, str], None]
+
+
+class VideoError(Exception):
+    """A video (or frame folder) that cannot be read, naming the file and the reason."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri, self.reason = uri, reason
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What probing a video found. `frames` is the decoded count; `pts` one per decoded frame."""
+
+    uri: str
+    width: int
+    height: int
+    fps: float
+    declared_frames: int
+    frames: int
+    kind: str  # "video" or "frames"
+    pts: tuple[int, ...] = field(default=(), repr=False)
+
+
+def decode_image(data: bytes, uri: str = "<bytes>", flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode image bytes with OpenCV; raises ValueError naming `uri` when they are not an image."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if arr is None or arr.size == 0:
+        raise ValueError(f"{uri}: not a decodable image ({len(data)} bytes)")
+    return arr
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.dtype == np.uint16:
+        img = (img // 257).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def frame_files(uri: str) -> list[str]:
+    """Numbered image files of a frame folder, in frame order (empty if `uri` is not one)."""
+    fs, path = storage.filesystem(uri)
+    try:
+        if not fs.isdir(path):
+            return []
+        names = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    numbered = []
+    for name in names:
+        base = os.path.basename(name.rstrip("/"))
+        stem, ext = os.path.splitext(base)
+        m = _NUMBERED.match(stem)
+        if ext.lower() in IMAGE_EXTENSIONS and m:
+            numbered.append((int(m.group(1)), storage.join(uri, base)))
+    numbered.sort()
+    return [u for _, u in numbered]
+
+
+def is_frame_folder(uri: str) -> bool:
+    """True when `uri` is a folder holding numbered PNG/JPEG frames."""
+    return bool(frame_files(uri))
+
+
+def video_stem(uri: str) -> str:
+    """Output name of a video: file stem, folder name, or the clip name for a benchmark `com` folder."""
+    p = uri.rstrip("/")
+    base = os.path.basename(p)
+    if base == "com":
+        return os.path.basename(os.path.dirname(p))
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in VIDEO_EXTENSIONS else base
+
+
+def _open(uri: str):
+    local = storage.local_path(uri)
+    if local is not None:
+        if not os.path.isfile(local):
+            raise VideoError(uri, "no such file")
+        return av.open(local, "r")
+    fs, path = storage.filesystem(uri)
+    return av.open(fs.open(path, "rb"), "r")
+
+
+def probe(uri: str) -> VideoInfo:
+    """Open and fully decode a video (or a frame folder's first frame) to learn its true shape."""
+    files = frame_files(uri)
+    if files:
+        first = _to_rgb(decode_image(storage.read_bytes(files[0]), files[0]))
+        h, w = first.shape[:2]
+        return VideoInfo(uri, w, h, 25.0, len(files), len(files), "frames", tuple(range(len(files))))
+    try:
+        container = _open(uri)
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(uri, f"cannot open as a video ({exc.__class__.__name__}: {exc})") from exc
+    with container:
+        if not container.streams.video:
+            raise VideoError(uri, "has no video stream")
+        stream = container.streams.video[0]
+        declared = int(stream.frames or 0)
+        fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        pts: list[int] = []
+        width = height = 0
+        try:
+            for frame in container.decode(stream):
+                pts.append(frame.pts if frame.pts is not None else len(pts))
+                width, height = frame.width, frame.height
+        except av.error.FFmpegError as exc:
+            if not pts:
+                raise VideoError(uri, f"no decodable frame ({exc})") from exc
+            raise VideoError(uri, f"decoding stopped after {len(pts)} frames: {exc}") from exc
+    if not pts:
+        raise VideoError(uri, "decodes no frames")
+    if declared and len(pts) + _COUNT_TOLERANCE < declared:
+        raise VideoError(uri, f"truncated: declares {declared} frames but only {len(pts)} decode")
+    return VideoInfo(uri, width, height, fps, declared, len(pts), "video", tuple(pts))
+
+
+def iter_frames(uri: str, start: int = 0, stop: int | None = None,
+                on_error: ErrorCallback | None = None, info: VideoInfo | None = None) -> Iterator[np.ndarray]:
+    """Frames `start..stop-1` of a video or frame folder as uint8 `[H,W,3]` RGB.
+
+    A corrupt frame is reported through `on_error(index, message)` and skipped (without a
+    callback it raises VideoError). With `info` from `probe`, a video seeks to `start` instead of
+    decoding from the beginning.
+    """
+    files = frame_files(uri)
+    if files:
+        for i in range(start, len(files) if stop is None else min(stop, len(files))):
+            try:
+                yield _to_rgb(decode_image(storage.read_bytes(files[i]), files[i]))
+            except (ValueError, OSError) as exc:
+                if on_error is None:
+                    raise VideoError(files[i], str(exc)) from exc
+                on_error(i, str(exc))
+        return
+    yield from _iter_video(uri, start, stop, on_error, info)
+
+
+def _iter_video(uri, start, stop, on_error, info):
+    try:
+        container = _open(uri)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(uri, f"cannot open as a video ({exc})") from exc
+    with container:
+        if not container.streams.video:
+            raise VideoError(uri, "has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        index_of = None
+        if info is not None and start > 0 and len(set(info.pts)) == len(info.pts):
+            index_of = {p: i for i, p in enumerate(info.pts)}
+            container.seek(info.pts[start], stream=stream, backward=True, any_frame=False)
+        index = 0
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as exc:
+                if on_error is None:
+                    raise VideoError(uri, f"frame {index}: {exc}") from exc
+                on_error(index, f"{uri}: frame {index}: {exc}")
+                index += 1
+                continue
+            for frame in frames:
+                if index_of is not None:
+                    index = index_of.get(frame.pts, index)
+                if index >= start and (stop is None or index < stop):
+                    yield frame.to_ndarray(format="rgb24")
+                index += 1
+                if stop is not None and index >= stop:
+                    return

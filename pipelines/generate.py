@@ -1,0 +1,393 @@
+"""`matting generate`: the fake-motion clip dataset, made in parallel on Ray Data.
+
+Stages: discover sources (driver, listing only) -> validate them (Ray Data tasks) -> plan clips
+from the valid ones -> make missing shards (Ray Data actors, each caching decoded photos and
+background chunks) -> manifest. Shards are published atomically and the manifest last, so a
+rerun resumes by making only the shards that are not there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from matting_core import storage
+from matting_core.fakemotion import FakeMotionConfig
+from pipelines import config as cfglib
+
+log = logging.getLogger("matting.generate")
+
+MARKER = "_generate.json"
+# Config fields that do not change what is written (so a rerun with other values resumes).
+_NOT_CONTENT = ("out", "workers", "overwrite", "cache_mb", "progress")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Configuration of `matting generate` (YAML keys = field names; CLI flags override)."""
+
+    photos: tuple[str, ...] = ()
+    backgrounds: tuple[str, ...] = ()
+    out: str = ""
+    clips: int = 100
+    seed: int = 0
+    workers: int = 2
+    shard_size: int = 16
+    jpeg_quality: int = 95
+    overwrite: bool = False
+    cache_mb: int = 1024
+    progress: bool = True
+    fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
+
+
+class GenerateRefused(Exception):
+    """The output holds a dataset made with another configuration."""
+
+
+@dataclass
+class GenerateSummary:
+    """What a run produced; `status` is the CLI exit status."""
+
+    status: int
+    message: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(cfg: GenerateConfig, sources: dict) -> str:
+    """Hash of everything that decides the dataset's content."""
+    content = {k: v for k, v in cfglib.to_dict(cfg).items() if k not in _NOT_CONTENT}
+    blob = json.dumps({"config": content, "sources": sources}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_json(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def _photo_max_height(cfg: GenerateConfig) -> int:
+    return int(round(cfg.fakemotion.size[1] * cfg.fakemotion.motion.person_height[1] * 1.05))
+
+
+def _cover(cfg: GenerateConfig) -> tuple[int, int]:
+    w, h = cfg.fakemotion.size
+    z = cfg.fakemotion.background_zoom
+    return int(round(w * z)), int(round(h * z))
+
+
+# --- Ray Data stages -------------------------------------------------------------------------
+
+def _validate_row(row: dict) -> dict:
+    """Validate one source (runs in a Ray task). Returns ok/reason and the probe as JSON."""
+    import cv2
+
+    from matting_core.sources import BackgroundSource, PhotoSource, SourceError, validate_background, validate_photo
+
+    cv2.setNumThreads(1)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # rejections are reported by us
+    try:
+        if row["kind"] == "photo":
+            info = validate_photo(PhotoSource(row["uri"], row["alpha"] or None))
+            payload = dataclasses.asdict(info)
+        else:
+            info = validate_background(BackgroundSource(row["uri"]))
+            payload = dataclasses.asdict(info)
+        return {**row, "ok": True, "reason": "", "info": json.dumps(payload)}
+    except SourceError as exc:
+        # the alpha file may be the culprit rather than the image: name the file at fault
+        return {**row, "uri": exc.uri, "ok": False, "reason": exc.reason, "info": ""}
+    except Exception as exc:  # noqa: BLE001 - any decoder failure rejects only this input
+        return {**row, "ok": False, "reason": f"{exc.__class__.__name__}: {exc}", "info": ""}
+
+
+class ShardMaker:
+    """Ray Data actor: makes whole shards, keeping decoded sources cached between them."""
+
+    def __init__(self, cfg: dict, photos: list[dict], backgrounds: list[dict], fp: str):
+        import cv2
+
+        from matting_core.sources import BackgroundReader, PhotoCache, PhotoInfo
+        from matting_core.video import VideoInfo
+
+        cv2.setNumThreads(1)  # one Ray CPU per actor: parallelism comes from actors
+        self.cfg = cfglib.build(GenerateConfig, cfg)
+        self.fp = fp
+        self.photos = [PhotoInfo(**{**p, "bbox": tuple(p["bbox"])}) for p in photos]
+        self.backgrounds = [VideoInfo(**{**b, "pts": tuple(b["pts"])}) for b in backgrounds]
+        self.photo_cache = PhotoCache(max_items=256, max_height=_photo_max_height(self.cfg))
+        self.bg_reader = BackgroundReader(budget_bytes=self.cfg.cache_mb << 20)
+
+    def make_clip(self, index: int, timings: dict) -> dict:
+        """Synthesise and encode clip `index` (a row of the clip schema)."""
+        from matting_core.clips import encode_clip
+        from matting_core.fakemotion import clip_rng, synthesize_clip
+        from matting_core.plan import plan_clip
+
+        cfg, fm = self.cfg, self.cfg.fakemotion
+        plan = plan_clip(cfg.seed, index, len(self.photos), [b.frames for b in self.backgrounds], fm.frames)
+        photo_info, bg_info = self.photos[plan.photo], self.backgrounds[plan.background]
+        t0 = time.perf_counter()
+        photo = self.photo_cache.get(photo_info)
+        background = self.bg_reader.read(bg_info, plan.start, fm.frames, _cover(cfg))
+        t1 = time.perf_counter()
+        clip = synthesize_clip(photo, background, fm, clip_rng(cfg.seed, index))
+        t2 = time.perf_counter()
+        row = encode_clip(clip, index, cfg.seed, photo_info.image, bg_info.uri, plan.start, cfg.jpeg_quality)
+        t3 = time.perf_counter()
+        timings["decode"] += t1 - t0
+        timings["synthesis"] += t2 - t1
+        timings["encode"] += t3 - t2
+        return row
+
+    def __call__(self, batch: dict) -> dict:
+        from matting_core.clips import shard_name, write_shard
+        from matting_core.sources import SourceError
+
+        out: dict[str, list] = {k: [] for k in ("shard", "clips", "failed", "decode", "synthesis", "encode", "write")}
+        for start, stop in zip(batch["start"], batch["stop"]):
+            start, stop = int(start), int(stop)
+            timings = {"decode": 0.0, "synthesis": 0.0, "encode": 0.0}
+            rows, failed = [], []
+            for index in range(start, stop):
+                try:
+                    rows.append(self.make_clip(index, timings))
+                except SourceError as exc:
+                    failed.append({"clip_id": index, "uri": exc.uri, "reason": exc.reason})
+                except Exception as exc:  # noqa: BLE001 - one bad clip must not lose the shard
+                    failed.append({"clip_id": index, "uri": "", "reason": f"{exc.__class__.__name__}: {exc}"})
+            t0 = time.perf_counter()
+            name = shard_name(start, stop)
+            write_shard(storage.join(self.cfg.out, "clips", name), rows,
+                        {"fingerprint": self.fp, "start": start, "stop": stop, "failed": failed})
+            out["shard"].append(name)
+            out["clips"].append(len(rows))
+            out["failed"].append(json.dumps(failed))
+            for k, v in timings.items():
+                out[k].append(v)
+            out["write"].append(time.perf_counter() - t0)
+        return out
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+def _validate_all(cfg: GenerateConfig, photos, backgrounds) -> list[dict]:
+    import ray
+
+    items = [{"kind": "photo", "uri": p.image, "alpha": p.alpha or ""} for p in photos]
+    items += [{"kind": "background", "uri": b.uri, "alpha": ""} for b in backgrounds]
+    if not items:
+        return []
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 8 * max(1, cfg.workers)))
+    rows = ds.map(_validate_row, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=max(1, cfg.workers))).take_all()
+    return sorted(rows, key=lambda r: (r["kind"], r["uri"]))
+
+
+def _prepare_output(cfg: GenerateConfig, fp: str) -> None:
+    manifest = _read_json(storage.join(cfg.out, "manifest.json"))
+    marker = _read_json(storage.join(cfg.out, MARKER))
+    recorded = (manifest or {}).get("fingerprint") or (marker or {}).get("fingerprint")
+    if recorded and recorded != fp:
+        if not cfg.overwrite:
+            raise GenerateRefused(
+                f"{cfg.out} holds a dataset made with a different configuration or source set "
+                f"(fingerprint {recorded}, this run {fp}); pass --overwrite to replace it, "
+                f"or choose another --out")
+        log.warning("--overwrite: removing the dataset in %s", cfg.out)
+    if cfg.overwrite and (recorded or storage.exists(storage.join(cfg.out, "clips"))):
+        for name in ("manifest.json", MARKER, "errors.jsonl"):
+            storage.remove(storage.join(cfg.out, name))
+        storage.remove(storage.join(cfg.out, "clips"), recursive=True)
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("matting", "numpy", "opencv-python-headless", "av", "pyarrow", "ray", "pymatting"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_generate(cfg: GenerateConfig) -> GenerateSummary:
+    """Run the whole job; returns the summary (never raises for bad inputs)."""
+    from matting_core.clips import SCHEMA_VERSION, FLOW_SCALE, list_shards, shard_metadata, shard_name
+    from matting_core.sources import discover_backgrounds, discover_photos
+    from pipelines.ray_runtime import ensure_ray
+
+    if not cfg.out:
+        raise cfglib.ConfigError("--out is required")
+    if not cfg.photos or not cfg.backgrounds:
+        raise cfglib.ConfigError("--photos and --backgrounds are required")
+    started = time.time()
+    photos, photo_rej = discover_photos(list(cfg.photos))
+    backgrounds, bg_rej = discover_backgrounds(list(cfg.backgrounds))
+    rejections = [r.to_dict() for r in photo_rej + bg_rej]
+    ensure_ray(num_cpus=None)
+    checked = _validate_all(cfg, photos, backgrounds)
+    valid_photos = [json.loads(r["info"]) for r in checked if r["kind"] == "photo" and r["ok"]]
+    valid_bgs = [json.loads(r["info"]) for r in checked if r["kind"] == "background" and r["ok"]]
+    rejections += [{"uri": r["uri"], "reason": r["reason"]} for r in checked if not r["ok"]]
+    sources = {"photos": [p["image"] for p in valid_photos], "backgrounds": [b["uri"] for b in valid_bgs]}
+    fp = fingerprint(cfg, sources)
+    _prepare_output(cfg, fp)
+    errors_uri = storage.join(cfg.out, "errors.jsonl")
+    storage.write_bytes_atomic(errors_uri, "".join(json.dumps(r) + "\n" for r in rejections).encode())
+    if not valid_photos or not valid_bgs:
+        what = "photo" if not valid_photos else "background"
+        return GenerateSummary(1, f"no valid {what} remains after validation "
+                                  f"({len(rejections)} input(s) rejected, see {errors_uri})")
+    storage.write_bytes_atomic(storage.join(cfg.out, MARKER), json.dumps(
+        {"fingerprint": fp, "config": cfglib.to_dict(cfg), "sources": sources}, indent=1).encode())
+
+    ranges = [(s, min(s + cfg.shard_size, cfg.clips)) for s in range(0, cfg.clips, cfg.shard_size)]
+    existing = {u.rsplit("/", 1)[-1] for u in list_shards(cfg.out)}
+    todo = [r for r in ranges if shard_name(*r) not in existing]
+    totals = {"decode": 0.0, "synthesis": 0.0, "encode": 0.0, "write": 0.0}
+    made = 0
+    t_make = time.time()
+    if todo:
+        made = _make_shards(cfg, todo, valid_photos, valid_bgs, fp, totals)
+    elapsed_make = time.time() - t_make
+
+    # Count from the shards' footers, so a resumed run reports the whole dataset.
+    written, failed = 0, []
+    wanted = {shard_name(*r) for r in ranges}
+    for uri in list_shards(cfg.out):
+        if uri.rsplit("/", 1)[-1] not in wanted:
+            continue
+        rows, meta = shard_metadata(uri)
+        written += rows
+        failed += meta.get("failed", [])
+    rejections += failed
+    storage.write_bytes_atomic(errors_uri, "".join(json.dumps(r) + "\n" for r in rejections).encode())
+    fm = cfg.fakemotion
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "fingerprint": fp, "seed": cfg.seed,
+        "config": cfglib.to_dict(cfg),
+        "counts": {"clips_requested": cfg.clips, "clips_written": written, "clips_failed": len(failed),
+                   "frames_written": written * fm.frames, "shards": len(ranges),
+                   "photos_valid": len(valid_photos), "backgrounds_valid": len(valid_bgs),
+                   "inputs_rejected": len(rejections) - len(failed)},
+        "sources": sources,
+        "flow": {"dtype": "int16", "scale": FLOW_SCALE, "layout": "[T,H,W,2] (dx, dy)",
+                 "convention": "backward: frame t's (x,y) was at (x+dx, y+dy) in frame t-1; zero where alpha_t == 0"},
+        "frame_size": {"width": fm.size[0], "height": fm.size[1], "frames": fm.frames},
+        "this_run": {"clips_made": made, "seconds": round(elapsed_make, 3),
+                     "clips_per_s": round(made / elapsed_make, 3) if made and elapsed_make else None,
+                     "stage_seconds": {k: round(v, 3) for k, v in totals.items()}},
+        "versions": _package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_bytes_atomic(storage.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    status = 0 if written == cfg.clips else (3 if written else 1)
+    msg = _summary_text(cfg, manifest, rejections, time.time() - started)
+    return GenerateSummary(status, msg, manifest)
+
+
+def _make_shards(cfg, todo, photos, backgrounds, fp, totals) -> int:
+    import ray
+
+    from pipelines.progress import Progress
+
+    ds = ray.data.from_items([{"start": a, "stop": b} for a, b in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(ShardMaker, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=max(1, cfg.workers)),
+                        fn_constructor_kwargs={"cfg": cfglib.to_dict(cfg), "photos": photos,
+                                               "backgrounds": backgrounds, "fp": fp})
+    made = 0
+    with Progress(total=sum(b - a for a, b in todo), unit="clip", desc="generate", enabled=cfg.progress) as bar:
+        for row in ds.iter_rows():
+            made += int(row["clips"])
+            for k in totals:
+                totals[k] += float(row[k])
+            bar.update(int(row["clips"]) + len(json.loads(row["failed"])))
+    return made
+
+
+def _summary_text(cfg: GenerateConfig, manifest: dict, rejections: list[dict], seconds: float) -> str:
+    c, run = manifest["counts"], manifest["this_run"]
+    lines = [
+        f"dataset   {cfg.out}",
+        f"clips     {c['clips_written']}/{c['clips_requested']} written "
+        f"({c['frames_written']} frames of {cfg.fakemotion.size[0]}x{cfg.fakemotion.size[1]}), "
+        f"{c['clips_failed']} failed, {c['shards']} shards",
+        f"sources   {c['photos_valid']} photos, {c['backgrounds_valid']} backgrounds valid; "
+        f"{c['inputs_rejected']} input(s) rejected",
+    ]
+    if run["clips_made"]:
+        st = run["stage_seconds"]
+        busy = sum(st.values()) or 1.0
+        lines.append(f"this run  {run['clips_made']} clips in {run['seconds']:.1f} s = {run['clips_per_s']:.2f} clips/s, "
+                     f"{run['clips_per_s'] * cfg.fakemotion.frames:.1f} frames/s with {cfg.workers} worker(s)")
+        lines.append("time      " + ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in st.items()))
+    else:
+        lines.append("this run  nothing to make: every shard was already there")
+    for r in rejections[:8]:
+        where = f"clip {r['clip_id']}: " if "clip_id" in r else ""
+        lines.append(f"rejected  {where}{r['uri']}: {r['reason']}")
+    if len(rejections) > 8:
+        lines.append(f"rejected  ... and {len(rejections) - 8} more, see errors.jsonl")
+    lines.append(f"total     {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+EPILOG = """examples:
+  matting generate --photos data/photos --backgrounds data/videos --out clips/ --clips 1000
+  matting generate --photos s3://bucket/photos --backgrounds s3://bucket/bg --out s3://bucket/clips --workers 8
+  matting generate --config jobs/generate.yaml --clips 20000 --overwrite
+"""
+
+_FLAGS = {"photos": "photos", "backgrounds": "backgrounds", "out": "out", "clips": "clips", "frames": "fakemotion.frames",
+          "size": "fakemotion.size", "seed": "seed", "workers": "workers", "overwrite": "overwrite",
+          "jpeg_quality": "jpeg_quality", "shard_size": "shard_size"}
+
+
+def add_parser(sub) -> None:
+    """Register `matting generate`."""
+    p = sub.add_parser("generate", help="make a fake-motion clip dataset on Ray Data",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with GenerateConfig fields")
+    p.add_argument("--photos", action="append", help="photos URI (image/+alpha/ folders, RGBA images, CSV/Parquet manifest); repeatable")
+    p.add_argument("--backgrounds", action="append", help="background videos or frame folders URI; repeatable")
+    p.add_argument("--out", help="output dataset URI (local path or s3://bucket/prefix)")
+    p.add_argument("--clips", type=int, help="number of clips (default 100)")
+    p.add_argument("--frames", type=int, help="frames per clip T (default 8)")
+    p.add_argument("--size", help="frame size WxH (default 512x288)")
+    p.add_argument("--seed", type=int, help="job seed (default 0)")
+    p.add_argument("--workers", type=int, help="parallel Ray Data workers (default 2)")
+    p.add_argument("--shard-size", dest="shard_size", type=int, help="clips per Parquet shard (default 16)")
+    p.add_argument("--jpeg-quality", dest="jpeg_quality", type=int, help="JPEG quality of frames/fgr/bgr (default 95)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a dataset made with another configuration")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    """GenerateConfig from defaults, --config and flags."""
+    overrides = cfglib.overrides_from_args(args, _FLAGS)
+    return cfglib.load(GenerateConfig, args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: run the job and print the summary."""
+    cfg = config_from_args(args)
+    cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
+    try:
+        summary = run_generate(cfg)
+    except GenerateRefused as exc:
+        print(f"matting generate: refused: {exc}", file=sys.stderr)
+        return 2
+    print(summary.message)
+    return summary.status

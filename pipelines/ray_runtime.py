@@ -1,0 +1,35 @@
+"""Starting or joining Ray: a cluster when RAY_ADDRESS is set, else a local runtime sized to the job."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# glibc returns large buffers to the OS and faults them back on every frame; keeping them
+# mapped steadies CPU throughput (STACK.md). Workers read it at process start.
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
+# Non-secret variables a worker needs to reach the same storage as the driver; keys are
+# inherited from the environment (locally) or the cluster's own configuration, never passed here.
+_FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "MATTING_MODEL_CACHE", "MLFLOW_TRACKING_URI")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Initialise Ray once per process: join RAY_ADDRESS if set, else start a local runtime."""
+    import ray
+    from ray.data import DataContext
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
+        env.setdefault("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES))
+        kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job draws one bar of its own
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
