@@ -302,7 +302,7 @@ def _make_shards(cfg, todo, photos, backgrounds, fp, totals) -> int:
     from pipelines.progress import Progress
 
     ds = ray.data.from_items([{"start": a, "stop": b} for a, b in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(ShardMaker, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=max(1, cfg.workers)),
+    ds = ds.map_batches(ShardMaker, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.workers, len(todo)))),
                         fn_constructor_kwargs={"cfg": cfglib.to_dict(cfg), "photos": photos,
                                                "backgrounds": backgrounds, "fp": fp})
     made = 0

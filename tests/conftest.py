@@ -63,8 +63,8 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_runtime():
-    """A local Ray runtime with 2 CPUs for the whole session."""
+def ray_runtime(s3_server):
+    """A local Ray runtime with 2 CPUs for the whole session (started after S3 so workers inherit its env)."""
     import ray
 
     from pipelines.ray_runtime import ensure_ray

@@ -1,0 +1,37 @@
+# make demo: set everything up, then run the whole pipeline on embedded defaults.
+# make test: set up what is missing, then run the test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+SHARED_MODEL := ../shared/models/selfie_segmentation_landscape.tflite
+
+.PHONY: demo test setup models bench clean
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch and torchvision are pinned exactly: other builds do not import together here
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+# The offline person prior (MediaPipe selfie model) into the model cache, SHA-256 checked.
+models: $(STAMP)
+	$(BIN)/matting fetch-models || { test -f $(SHARED_MODEL) && $(BIN)/matting fetch-models --from $(SHARED_MODEL); }
+
+demo: setup
+	$(BIN)/matting demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_matte.py
+
+clean:
+	rm -rf demo-output .pytest_cache

@@ -1,0 +1,187 @@
+"""`matting generate` end to end on a real Ray runtime: local paths, S3, bad inputs, resume."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matting_core import storage
+from matting_core.clips import iter_clips, list_shards
+from pipelines import config as cfglib
+from pipelines.generate import GenerateConfig, GenerateRefused, run_generate
+from tests.conftest import shared_path
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> tuple[str, str]:
+    """Good real photos/videos plus one broken input of each kind, in a temporary folder."""
+    data = shared_path("data")
+    root = tmp_path_factory.mktemp("sources")
+    img, pha = root / "photos" / "image", root / "photos" / "alpha"
+    img.mkdir(parents=True)
+    pha.mkdir(parents=True)
+    for stem in ("p_015cd10e", "p_07141906", "p_0865636e"):
+        os.symlink(data / "photos/p3m/image" / f"{stem}.jpg", img / f"{stem}.jpg")
+        os.symlink(data / "photos/p3m/alpha" / f"{stem}.png", pha / f"{stem}.png")
+    for stem in ("GT01", "GT04"):
+        os.symlink(data / "photos/alphamatting/image" / f"{stem}.png", img / f"{stem}.png")
+        os.symlink(data / "photos/alphamatting/alpha" / f"{stem}.png", pha / f"{stem}.png")
+    broken = data / "broken"
+    shutil.copy(broken / "truncated.jpg", img / "bad_truncated.jpg")
+    shutil.copy(data / "photos/p3m/alpha/p_09ba26b4.png", pha / "bad_truncated.png")
+    shutil.copy(broken / "truncated.png", img / "bad_truncpng.png")
+    shutil.copy(data / "photos/p3m/alpha/p_09ba26b4.png", pha / "bad_truncpng.png")
+    shutil.copy(broken / "text-as-image.png", img / "bad_text.png")
+    shutil.copy(data / "photos/p3m/alpha/p_09ba26b4.png", pha / "bad_text.png")
+    shutil.copy(data / "photos/alphamatting/image/GT02.png", img / "bad_size.png")
+    shutil.copy(broken / "alpha-wrong-size.png", pha / "bad_size.png")
+    shutil.copy(data / "photos/p3m/image/p_22fc0130.jpg", img / "bad_noalpha.jpg")
+    bg = root / "backgrounds"
+    bg.mkdir()
+    os.symlink(data / "videos/backgrounds/bikes.mp4", bg / "bikes.mp4")
+    for name in ("not-a-video.mp4", "truncated-video.mp4", "truncated-video.avi", "three-frames.mp4"):
+        os.symlink(broken / name, bg / name)
+    return str(root / "photos"), str(bg)
+
+
+def config(photos, backgrounds, out, **kw) -> GenerateConfig:
+    base = GenerateConfig(photos=(photos,), backgrounds=(backgrounds,), out=out, clips=12, shard_size=4,
+                          progress=False)
+    fm = dataclasses.replace(base.fakemotion, size=(256, 144))
+    return dataclasses.replace(base, fakemotion=fm, **kw)
+
+
+def read_all(uri) -> dict[int, object]:
+    return {c.clip_id: c for c in iter_clips(uri)}
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_runtime, sources, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gen") / "ds2")
+    summary = run_generate(config(*sources, out, workers=2))
+    return out, summary
+
+
+def test_local_run_writes_a_readable_dataset_and_lists_every_bad_input(two_worker_run):
+    out, summary = two_worker_run
+    assert summary.status == 0, summary.message
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["counts"]["clips_written"] == 12 and manifest["schema_version"] == 1
+    assert {"numpy", "ray", "av"} <= set(manifest["versions"])
+    clips = read_all(out)
+    assert sorted(clips) == list(range(12))
+    c = clips[0]
+    assert c.frames.shape == (8, 144, 256, 3) and c.alpha.shape == (8, 144, 256)
+    assert c.flow.shape == (8, 144, 256, 2) and c.flow.dtype == np.float32
+    assert len(list_shards(out)) == 3
+    errors = [json.loads(line) for line in Path(out, "errors.jsonl").read_text().splitlines()]
+    by_name = {os.path.basename(e["uri"]): e["reason"] for e in errors}
+    assert "corrupt or truncated image" in by_name["bad_truncated.jpg"]
+    assert "corrupt or truncated image" in by_name["bad_truncpng.png"]
+    assert "corrupt or truncated image" in by_name["bad_text.png"]
+    assert "differs from image size" in by_name["bad_size.png"]
+    assert "missing alpha" in by_name["bad_noalpha.jpg"]
+    assert "cannot open" in by_name["not-a-video.mp4"]
+    assert "cannot open" in by_name["truncated-video.mp4"]
+    assert "declares 795 frames but only 194" in by_name["truncated-video.avi"]
+    assert "three-frames.mp4" not in by_name  # short but valid: played ping-pong
+    # every good input is usable: the plan draws from all 5 photos and both videos
+    used_photos = {os.path.basename(c.photo) for c in clips.values()}
+    assert used_photos <= {"p_015cd10e.jpg", "p_07141906.jpg", "p_0865636e.jpg", "GT01.png", "GT04.png"}
+    assert manifest["counts"]["photos_valid"] == 5 and manifest["counts"]["backgrounds_valid"] == 2
+    assert "clips/s" in summary.message and "rejected" in summary.message
+
+
+def test_same_content_per_clip_for_one_and_two_workers(two_worker_run, sources, tmp_path):
+    out2, _ = two_worker_run
+    out1 = str(tmp_path / "ds1")
+    assert run_generate(config(*sources, out1, workers=1)).status == 0
+    a, b = read_all(out1), read_all(out2)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        for name in ("frames", "fgr", "bgr", "alpha", "flow"):
+            assert np.array_equal(getattr(a[k], name), getattr(b[k], name)), (k, name)
+        assert (a[k].photo, a[k].background, a[k].shifted) == (b[k].photo, b[k].background, b[k].shifted)
+    assert [os.path.basename(u) for u in list_shards(out1)] == [os.path.basename(u) for u in list_shards(out2)]
+
+
+def test_resume_after_interruption_makes_only_missing_shards(two_worker_run, sources, tmp_path):
+    out_ref, _ = two_worker_run
+    out = tmp_path / "resume"
+    shutil.copytree(out_ref, out)
+    # an interrupted run: the manifest (written last) and one shard are missing, a temp file remains
+    (out / "manifest.json").unlink()
+    shards = sorted((out / "clips").glob("*.parquet"))
+    shards[1].unlink()
+    (out / "clips" / ".clips-00000004-00000007.parquet.1234abcd.tmp").write_bytes(b"partial")
+    summary = run_generate(config(*sources, str(out), workers=2))
+    assert summary.status == 0, summary.message
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["this_run"]["clips_made"] == 4
+    assert manifest["counts"]["clips_written"] == 12
+    ref, got = read_all(out_ref), read_all(str(out))
+    assert all(np.array_equal(ref[k].frames, got[k].frames) for k in ref)
+    # rerunning a finished dataset makes nothing
+    again = run_generate(config(*sources, str(out), workers=2))
+    assert again.status == 0 and again.manifest["this_run"]["clips_made"] == 0
+
+
+def test_other_configuration_is_refused_unless_overwrite(two_worker_run, sources, tmp_path):
+    out = tmp_path / "refuse"
+    shutil.copytree(two_worker_run[0], out)
+    with pytest.raises(GenerateRefused, match="different configuration"):
+        run_generate(config(*sources, str(out), seed=5))
+    summary = run_generate(config(*sources, str(out), seed=5, clips=4, overwrite=True))
+    assert summary.status == 0
+    assert sorted(read_all(str(out))) == [0, 1, 2, 3]
+
+
+def test_no_valid_background_fails_with_a_clear_message(ray_runtime, sources, tmp_path, shared_data):
+    bad = tmp_path / "bad-bg"
+    bad.mkdir()
+    os.symlink(shared_data / "broken" / "not-a-video.mp4", bad / "x.mp4")
+    summary = run_generate(config(sources[0], str(bad), str(tmp_path / "out")))
+    assert summary.status == 1 and "no valid background" in summary.message
+    assert "not-a-video" in (tmp_path / "out" / "errors.jsonl").read_text().replace("x.mp4", "not-a-video")
+
+
+@pytest.mark.s3
+def test_s3_in_and_out(s3_server, ray_runtime, sources, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    photos, backgrounds = sources
+    for local, prefix in ((photos, "test/in/photos"), (backgrounds, "test/in/bg")):
+        for path in Path(local).rglob("*"):
+            if path.is_file() and not path.name.startswith("bad_") and "video" not in path.name:
+                fs.put(str(path.resolve()), f"{prefix}/{path.relative_to(local)}")
+    cfg = config("s3://test/in/photos", "s3://test/in/bg", "s3://test/out/ds", clips=6, shard_size=3)
+    summary = run_generate(cfg)
+    assert summary.status == 0, summary.message
+    assert fs.exists("test/out/ds/manifest.json") and fs.exists("test/out/ds/errors.jsonl")
+    clips = read_all("s3://test/out/ds")
+    assert sorted(clips) == list(range(6))
+    assert clips[0].photo.startswith("s3://test/in/photos/image/")
+    assert not [p for p in fs.find("test/out/ds") if p.endswith(".tmp")]
+
+
+def test_cli_generate_exit_status_and_config_file(ray_runtime, sources, tmp_path):
+    from pipelines.cli import main
+
+    cfg_file = tmp_path / "gen.yaml"
+    cfg_file.write_text("clips: 3\nshard_size: 3\nfakemotion:\n  size: [128, 72]\n  frames: 4\n")
+    out = tmp_path / "cli"
+    rc = main(["generate", "--config", str(cfg_file), "--photos", sources[0], "--backgrounds", sources[1],
+               "--out", str(out), "--frames", "5"])
+    assert rc == 0
+    clip = next(iter_clips(str(out)))
+    assert clip.frames.shape == (5, 72, 128, 3)  # flag beats file, file beats default
+    assert main(["generate", "--photos", sources[0], "--backgrounds", sources[1], "--out", str(out), "--seed", "9"]) == 2
+    assert main(["generate", "--photos", sources[0], "--out", str(out), "--clips", "x"]) == 2
