@@ -42,7 +42,7 @@ class GenerateConfig:
     shard_size: int = 16
     jpeg_quality: int = 95
     overwrite: bool = False
-    cache_mb: int = 1024
+    cache_mb: int = 512
     progress: bool = True
     fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
 
@@ -152,7 +152,10 @@ class ShardMaker:
         from matting_core.clips import shard_name, write_shard
         from matting_core.sources import SourceError
 
-        out: dict[str, list] = {k: [] for k in ("shard", "clips", "failed", "decode", "synthesis", "encode", "write")}
+        import resource
+
+        out: dict[str, list] = {k: [] for k in ("shard", "clips", "failed", "decode", "synthesis", "encode", "write",
+                                                "rss_mb")}
         for start, stop in zip(batch["start"], batch["stop"]):
             start, stop = int(start), int(stop)
             timings = {"decode": 0.0, "synthesis": 0.0, "encode": 0.0}
@@ -174,6 +177,7 @@ class ShardMaker:
             for k, v in timings.items():
                 out[k].append(v)
             out["write"].append(time.perf_counter() - t0)
+            out["rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return out
 
 
@@ -255,10 +259,10 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
     existing = {u.rsplit("/", 1)[-1] for u in list_shards(cfg.out)}
     todo = [r for r in ranges if shard_name(*r) not in existing]
     totals = {"decode": 0.0, "synthesis": 0.0, "encode": 0.0, "write": 0.0}
-    made = 0
+    made, steady, peak_rss = 0, None, None
     t_make = time.time()
     if todo:
-        made = _make_shards(cfg, todo, valid_photos, valid_bgs, fp, totals)
+        made, steady, peak_rss = _make_shards(cfg, todo, valid_photos, valid_bgs, fp, totals)
     elapsed_make = time.time() - t_make
 
     # Count from the shards' footers, so a resumed run reports the whole dataset.
@@ -286,6 +290,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
         "frame_size": {"width": fm.size[0], "height": fm.size[1], "frames": fm.frames},
         "this_run": {"clips_made": made, "seconds": round(elapsed_make, 3),
                      "clips_per_s": round(made / elapsed_make, 3) if made and elapsed_make else None,
+                     "steady_clips_per_s": steady, "worker_peak_rss_mb": peak_rss,
                      "stage_seconds": {k: round(v, 3) for k, v in totals.items()}},
         "versions": _package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -305,14 +310,23 @@ def _make_shards(cfg, todo, photos, backgrounds, fp, totals) -> int:
     ds = ds.map_batches(ShardMaker, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.workers, len(todo)))),
                         fn_constructor_kwargs={"cfg": cfglib.to_dict(cfg), "photos": photos,
                                                "backgrounds": backgrounds, "fp": fp})
-    made = 0
+    made, arrivals, peak_rss = 0, [], 0.0
     with Progress(total=sum(b - a for a, b in todo), unit="clip", desc="generate", enabled=cfg.progress) as bar:
         for row in ds.iter_rows():
             made += int(row["clips"])
             for k in totals:
                 totals[k] += float(row[k])
+            peak_rss = max(peak_rss, float(row["rss_mb"]))
+            arrivals.append((time.time(), int(row["clips"])))
             bar.update(int(row["clips"]) + len(json.loads(row["failed"])))
-    return made
+    # Throughput once every worker is warm (started, sources decoded): from the first finished
+    # round of shards to the end, which is what a long job runs at.
+    steady = None
+    warm = max(1, min(cfg.workers, len(arrivals) - 1))
+    if len(arrivals) > warm:
+        span = arrivals[-1][0] - arrivals[warm - 1][0]
+        steady = round(sum(n for _, n in arrivals[warm:]) / span, 3) if span > 0 else None
+    return made, steady, round(peak_rss, 1)
 
 
 def _summary_text(cfg: GenerateConfig, manifest: dict, rejections: list[dict], seconds: float) -> str:
@@ -329,7 +343,8 @@ def _summary_text(cfg: GenerateConfig, manifest: dict, rejections: list[dict], s
         st = run["stage_seconds"]
         busy = sum(st.values()) or 1.0
         lines.append(f"this run  {run['clips_made']} clips in {run['seconds']:.1f} s = {run['clips_per_s']:.2f} clips/s, "
-                     f"{run['clips_per_s'] * cfg.fakemotion.frames:.1f} frames/s with {cfg.workers} worker(s)")
+                     f"{run['clips_per_s'] * cfg.fakemotion.frames:.1f} frames/s with {cfg.workers} worker(s)"
+                     + (f"; warm: {run['steady_clips_per_s']:.2f} clips/s" if run.get("steady_clips_per_s") else ""))
         lines.append("time      " + ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in st.items()))
     else:
         lines.append("this run  nothing to make: every shard was already there")
