@@ -322,8 +322,8 @@ def _make_shards(cfg, todo, photos, backgrounds, fp, totals) -> int:
     # Throughput once every worker is warm (started, sources decoded): from the first finished
     # round of shards to the end, which is what a long job runs at.
     steady = None
-    warm = max(1, min(cfg.workers, len(arrivals) - 1))
-    if len(arrivals) > warm:
+    warm = max(1, cfg.workers)
+    if len(arrivals) > 2 * warm:  # too few shards to tell warm from start-up otherwise
         span = arrivals[-1][0] - arrivals[warm - 1][0]
         steady = round(sum(n for _, n in arrivals[warm:]) / span, 3) if span > 0 else None
     return made, steady, round(peak_rss, 1)

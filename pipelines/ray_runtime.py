@@ -29,6 +29,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the summary
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job draws one bar of its own
     ctx.enable_operator_progress_bars = False
