@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from matting_core import storage
+from matting_core.errors import InputError
 from matting_core.video import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, VideoInfo,
                                 decode_image, frame_files, iter_frames, probe)
 
@@ -31,12 +32,8 @@ IGNORED_DIRS = ("trimap", "trimap1", "trimap2", "trimaps")
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS + (".webp", ".tif", ".tiff", ".bmp")
 
 
-class SourceError(Exception):
-    """An input that cannot be used, naming the file and the reason."""
-
-    def __init__(self, uri: str, reason: str):
-        super().__init__(f"{uri}: {reason}")
-        self.uri, self.reason = uri, reason
+class SourceError(InputError):
+    """A photo or background that cannot be used, naming the file and the reason."""
 
 
 @dataclass(frozen=True)

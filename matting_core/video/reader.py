@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from matting_core import storage
+from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
            "frame_files", "decode_image", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
@@ -28,12 +29,8 @@ _COUNT_TOLERANCE = 2
 ErrorCallback = Callable[[int, str], None]
 
 
-class VideoError(Exception):
+class VideoError(InputError):
     """A video (or frame folder) that cannot be read, naming the file and the reason."""
-
-    def __init__(self, uri: str, reason: str):
-        super().__init__(f"{uri}: {reason}")
-        self.uri, self.reason = uri, reason
 
 
 @dataclass(frozen=True)
