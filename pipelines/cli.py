@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `matting` console script."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): a status, not an exception
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
