@@ -1,0 +1,251 @@
+"""MattingNet: a MobileNetV2 U-Net with a ConvLSTM and an attention gate on every skip connection.
+
+Input: frames and a person prior; output: alpha, foreground colour and the recurrent state, which
+is passed in and returned explicitly (a flat list of tensors) so the model streams, scripts and exports.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matting_core.model.backbone import SKIP_CHANNELS, SKIP_INDICES, load_backbone_weights, mobilenet_v2_encoder
+from matting_core.model.blocks import (AttentionGate, ConvBNReLU, ConvLSTM, DecoderBlock, SeparableConv,
+                                       unfold_time)
+from matting_core.model.refine import GuidedRefiner
+
+__all__ = ["MattingNet", "matting_net", "DEFAULT_PRIOR"]
+
+DEFAULT_PRIOR: Dict[str, Any] = {"backend": "selfie"}
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+class MattingNet(nn.Module):
+    """Person matting U-Net on `mobilenet_v2` features, recurrent over time.
+
+    Encoder: TorchVision's `mobilenet_v2().features[:18]` on 4 channels (RGB + prior); skips
+    from `features` indices 1, 3, 6, 13, 17 (strides 2..32). On every skip, a `ConvLSTM` carries
+    state across frames, then an `AttentionGate` driven by the decoder's next-coarser feature
+    (image-level context, the skip's global average, at the deepest skip) weighs it before the
+    decoder concatenates it with its upsampled features. The head, at full resolution, sees the
+    input again and predicts residuals added to the prior (alpha) and to the input colour
+    (foreground); its last layer starts at zero, so an untrained net returns the prior.
+
+    Args:
+        lstm_channels: hidden channels of the five ConvLSTMs, shallow to deep.
+        decoder_channels: decoder widths at strides 32, 16, 8, 4, 2.
+        head_channels: width of the full-resolution head.
+        attention_channels: hidden width of each attention gate (at most the skip's width).
+        refine_radius, refine_eps: fast guided filter of the `downsample_ratio` path.
+        prior: JSON-safe spec of the prior the model is used with (`make_prior(**prior)` rebuilds it).
+
+    Shapes: `src` `[B,T,3,H,W]` (or `[B,3,H,W]`), `prior` `[B,T,1,H,W]` (or `[B,1,H,W]`), values in
+    [0,1], any H and W. Returns `pha` `[B,T,1,H,W]` and `fgr` `[B,T,3,H,W]` in [0,1] (4-D for 4-D
+    input) and the new state.
+    """
+
+    __jit_unused_properties__ = ["encoder", "state_channels"]
+
+    def __init__(self,
+                 lstm_channels: Sequence[int] = (4, 8, 16, 32, 64),
+                 decoder_channels: Sequence[int] = (96, 64, 40, 24, 12),
+                 head_channels: int = 12,
+                 attention_channels: int = 16,
+                 refine_radius: int = 1,
+                 refine_eps: float = 1e-5,
+                 prior: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        if len(lstm_channels) != len(SKIP_INDICES) or len(decoder_channels) != len(SKIP_INDICES):
+            raise ValueError(f"lstm_channels and decoder_channels need {len(SKIP_INDICES)} entries each")
+        self.config: Dict[str, Any] = {
+            "lstm_channels": [int(c) for c in lstm_channels],
+            "decoder_channels": [int(c) for c in decoder_channels],
+            "head_channels": int(head_channels),
+            "attention_channels": int(attention_channels),
+            "refine_radius": int(refine_radius),
+            "refine_eps": float(refine_eps),
+            "prior": dict(prior) if prior is not None else dict(DEFAULT_PRIOR),
+        }
+        self.register_buffer("mean", torch.tensor(_MEAN + (0.5,)).view(1, 4, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD + (0.5,)).view(1, 4, 1, 1), persistent=False)
+
+        encoder = mobilenet_v2_encoder(in_channels=4)
+        bounds = [0] + [i + 1 for i in SKIP_INDICES]
+        # stages[k] maps skip k-1 to skip k (features[bounds[k]:bounds[k+1]]).
+        self.stages = nn.ModuleList(encoder[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+        self.lstms = nn.ModuleList(ConvLSTM(c, h) for c, h in zip(SKIP_CHANNELS, lstm_channels))
+        skip_out = [c + h for c, h in zip(SKIP_CHANNELS, lstm_channels)]
+        dec = [int(c) for c in decoder_channels]  # strides 32, 16, 8, 4, 2
+        self.bottleneck = Bottleneck(skip_out[4], dec[0], attention_channels)
+        # Coarse to fine: level i fuses decoder width dec[i] with skip 3-i (strides 16, 8, 4, 2).
+        # The stride-2 level (i = 3) uses one separable conv instead of two: at 1/4 of the pixels of
+        # the frame it was the costliest decoder step on CPUs (memory-bound), for little receptive field.
+        self.levels = nn.ModuleList(
+            DecoderLevel(skip_out[3 - i], dec[i], dec[i + 1], attention_channels, convs=1 if i == 3 else 2)
+            for i in range(4))
+        self.head = nn.Sequential(
+            SeparableConv(dec[4] + 4, head_channels),
+            nn.Conv2d(head_channels, 4, 1),
+        )
+        # Alpha and foreground are residuals over the prior and the input colour, and the last layer
+        # starts at zero: an untrained net returns the prior as alpha and the frame as foreground (a
+        # usable matte, not noise), and training learns the correction. Its weights still get gradients.
+        nn.init.zeros_(self.head[1].weight)
+        nn.init.zeros_(self.head[1].bias)
+        self.refiner = GuidedRefiner(refine_radius, refine_eps)
+
+    @property
+    def encoder(self) -> nn.Sequential:
+        """The encoder as TorchVision's `features[:18]` (same modules as `stages`, indices 0..17)."""
+        return nn.Sequential(*[m for stage in self.stages for m in stage])
+
+    def skip_modules(self) -> List[Tuple[int, ConvLSTM, AttentionGate]]:
+        """(features index, ConvLSTM, AttentionGate) for each skip, shallow to deep."""
+        gates = [level.gate for level in self.levels][::-1] + [self.bottleneck.gate]
+        return list(zip(SKIP_INDICES, list(self.lstms), gates))
+
+    # ---------------------------------------------------------------- state
+    @property
+    def state_channels(self) -> List[int]:
+        """Channels of each state tensor, in the order of the state list (h0, c0, h1, c1, ...)."""
+        return [h for h in self.config["lstm_channels"] for _ in range(2)]
+
+    def initial_state(self, batch: int, height: int, width: int, downsample_ratio: float = 1.0,
+                      device: Optional[torch.device] = None) -> List[torch.Tensor]:
+        """Zero state for frames of `height` x `width` (what `state=None` uses)."""
+        h, w = _work_size(height, width, downsample_ratio)
+        h, w = _pad32(h), _pad32(w)
+        out = []
+        for k, hidden in enumerate(self.config["lstm_channels"]):
+            stride = 2 ** (k + 1)
+            z = torch.zeros(batch, hidden, h // stride, w // stride, device=device)
+            out += [z, z.clone()]
+        return out
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, src: torch.Tensor, prior: torch.Tensor, state: Optional[List[torch.Tensor]] = None,
+                downsample_ratio: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """(pha, fgr, state) for frames `src` with person probability `prior`; see the class docstring."""
+        single = src.dim() == 4
+        if single:
+            src = src.unsqueeze(1)
+            prior = prior.unsqueeze(1)
+        B, T, _, H, W = src.shape
+        src_bt = src.flatten(0, 1)  # [B*T,3,H,W]
+        prior_bt = prior.flatten(0, 1)  # [B*T,1,H,W]
+        if downsample_ratio != 1.0:
+            src_lr = _downsample(src_bt, downsample_ratio)
+            prior_lr = _downsample(prior_bt, downsample_ratio)
+            pha_lr, fgr_lr, new_state = self._run(src_lr, prior_lr, B, T, state)
+            fgr, pha = self.refiner(src_bt, src_lr, fgr_lr, pha_lr)
+        else:
+            pha, fgr, new_state = self._run(src_bt, prior_bt, B, T, state)
+        pha = unfold_time(pha, B, T)
+        fgr = unfold_time(fgr, B, T)
+        if single:
+            pha = pha.squeeze(1)
+            fgr = fgr.squeeze(1)
+        return pha, fgr, new_state
+
+    def _run(self, src: torch.Tensor, prior: torch.Tensor, B: int, T: int,
+             state: Optional[List[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """The network at the working resolution: `[B*T,3,h,w]`, `[B*T,1,h,w]` -> pha, fgr `[B*T,.,h,w]`."""
+        h, w = src.shape[2], src.shape[3]
+        x = torch.cat([src, prior], dim=1)  # [B*T,4,h,w]
+        # Pad to a multiple of 32 by padding 31 and cropping: a constant pad and a size-dependent
+        # slice trace into shape-generic ONNX, where a size-dependent pad would be frozen.
+        h_pad = (h + 31) // 32 * 32
+        w_pad = (w + 31) // 32 * 32
+        x = F.pad(x, [0, 31, 0, 31], mode="replicate")[:, :, :h_pad, :w_pad]
+        inp = (x - self.mean) / self.std
+
+        feat = inp
+        skips: List[torch.Tensor] = []
+        for stage in self.stages:
+            feat = stage(feat)
+            skips.append(feat)
+
+        new_state: List[torch.Tensor] = []
+        for k, lstm in enumerate(self.lstms):
+            s = unfold_time(skips[k], B, T)  # [B,T,C,h_k,w_k]
+            if state is None:
+                h0 = torch.zeros(1, 1, 1, 1, dtype=s.dtype, device=s.device)
+                c0 = h0
+            else:
+                h0 = state[2 * k]
+                c0 = state[2 * k + 1]
+            out, hk, ck = lstm(s, h0, c0)
+            skips[k] = out.flatten(0, 1)  # [B*T,C+Hc,h_k,w_k]
+            new_state.append(hk)
+            new_state.append(ck)
+
+        d = self.bottleneck(skips[4])  # [B*T,dec0,h/32,w/32]
+        for i, level in enumerate(self.levels):
+            d = level(d, skips[3 - i])
+        d = F.interpolate(d, size=[x.shape[2], x.shape[3]], mode="bilinear", align_corners=False)
+        out = self.head(torch.cat([d, inp], dim=1))  # [B*T,4,H_pad,W_pad]
+        out = out[:, :, :h, :w]
+        pha = (out[:, :1] + prior).clamp(0.0, 1.0)
+        fgr = (out[:, 1:] + src).clamp(0.0, 1.0)
+        return pha, fgr, new_state
+
+
+class Bottleneck(nn.Module):
+    """Deepest skip (stride 32): attention gated by its own global context, then a 1x1 projection."""
+
+    def __init__(self, skip_channels: int, out_channels: int, attention_channels: int) -> None:
+        super().__init__()
+        self.gate = AttentionGate(skip_channels, skip_channels, min(attention_channels, skip_channels),
+                                  global_gate=True)
+        self.proj = ConvBNReLU(skip_channels, out_channels, 1)
+
+    def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        """`[N,C,h,w] -> [N,Cout,h,w]`."""
+        return self.proj(self.gate(skip, skip.mean(dim=[2, 3], keepdim=True)))
+
+
+class DecoderLevel(nn.Module):
+    """One decoder step: gate the skip by the coarser decoder feature, upsample, concatenate, convolve."""
+
+    def __init__(self, skip_channels: int, coarse_channels: int, out_channels: int, attention_channels: int,
+                 convs: int = 2) -> None:
+        super().__init__()
+        self.gate = AttentionGate(skip_channels, coarse_channels, min(attention_channels, skip_channels))
+        self.block = (DecoderBlock(coarse_channels + skip_channels, out_channels) if convs == 2
+                      else SeparableConv(coarse_channels + skip_channels, out_channels))
+
+    def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """`coarse` `[N,Cc,h,w]`, `skip` `[N,Cs,2h,2w]` -> `[N,Cout,2h,2w]`."""
+        up = F.interpolate(coarse, size=[skip.shape[2], skip.shape[3]], mode="bilinear", align_corners=False)
+        return self.block(torch.cat([up, self.gate(skip, coarse)], dim=1))
+
+
+def _downsample(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`[N,C,H,W] -> [N,C,floor(H*ratio),floor(W*ratio)]`, bilinear (a scale factor, so it exports)."""
+    return F.interpolate(x, scale_factor=ratio, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+
+
+def _work_size(height: int, width: int, downsample_ratio: float) -> Tuple[int, int]:
+    """Resolution the network runs at for a `downsample_ratio` (as `_downsample` computes it)."""
+    if downsample_ratio == 1.0:
+        return height, width
+    return int(math.floor(height * downsample_ratio)), int(math.floor(width * downsample_ratio))
+
+
+def _pad32(n: int) -> int:
+    return n + (32 - n % 32) % 32
+
+
+def matting_net(backbone_weights: str = "none", **options: Any) -> MattingNet:
+    """Build a `MattingNet`; `backbone_weights` is `'none'`, `'imagenet'` (local torch hub cache) or a PATH.
+
+    `options` are `MattingNet`'s constructor arguments.
+    """
+    net = MattingNet(**options)
+    if backbone_weights not in (None, "none"):
+        load_backbone_weights(net.encoder, str(backbone_weights))
+    return net

@@ -1,0 +1,275 @@
+"""MattingNet: shapes, architecture, recurrence, the downsample path, weights and checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torchvision.models import mobilenet_v2
+
+from matting_core.model import (SKIP_INDICES, BackboneWeightsError, CheckpointError, MattingNet, load_checkpoint,
+                                matting_net, read_checkpoint, save_checkpoint)
+from matting_core.model.backbone import imagenet_cache_path
+from matting_core.model.blocks import AttentionGate, ConvLSTM
+from matting_core.model.refine import FastGuidedFilter
+
+H, W = 64, 96
+
+
+def _clip(b=1, t=3, h=H, w=W, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(b, t, 3, h, w, generator=gen), torch.rand(b, t, 1, h, w, generator=gen)
+
+
+@torch.no_grad()
+def lively(net: MattingNet, seed: int = 0) -> MattingNet:
+    """`net` with what training gives a net and initialisation does not: batch-norm statistics of its
+    own activations and a non-zero output layer (a fresh net returns the prior; tests need more)."""
+    gen = torch.Generator().manual_seed(seed)
+    net.head[1].weight.copy_(torch.randn(net.head[1].weight.shape, generator=gen) * 0.5)
+    net.head[1].bias.copy_(torch.randn(4, generator=gen) * 0.1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    net.train()
+    for k in range(2):
+        net(*_clip(b=2, t=2, seed=100 + k))
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            # Nearly dead channels of a random net get gains up to 1/sqrt(2.6e-5) ~ 200, which make
+            # PyTorch's own fp32 output differ from fp64 by ~8e-5: no 1e-4 comparison could pass.
+            m.running_var.clamp_(min=1e-2)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def net() -> MattingNet:
+    torch.manual_seed(0)
+    return lively(matting_net(backbone_weights="none"))
+
+
+@torch.no_grad()
+def test_an_untrained_net_returns_the_prior_and_the_frame():
+    torch.manual_seed(0)
+    src, prior = _clip(t=2)
+    pha, fgr, _ = matting_net().eval()(src, prior)
+    assert torch.equal(pha, prior) and torch.equal(fgr, src)
+
+
+@torch.no_grad()
+def test_clip_and_frame_shapes_and_ranges(net):
+    src, prior = _clip(b=2, t=3)
+    pha, fgr, state = net(src, prior)
+    assert pha.shape == (2, 3, 1, H, W) and fgr.shape == (2, 3, 3, H, W)
+    assert 0 <= pha.min() and pha.max() <= 1 and 0 <= fgr.min() and fgr.max() <= 1
+    assert 0.05 < pha.mean() < 0.95 and pha.std() > 0.05  # not a degenerate output
+    assert [tuple(s.shape) for s in state] == [tuple(s.shape) for s in net.initial_state(2, H, W)]
+    assert len(state) == 10 and [s.shape[1] for s in state] == net.state_channels
+    pha1, fgr1, state1 = net(src[:, 0], prior[:, 0])
+    assert pha1.shape == (2, 1, H, W) and fgr1.shape == (2, 3, H, W) and len(state1) == 10
+
+
+@torch.no_grad()
+def test_arbitrary_sizes_are_padded_and_cropped_back(net):
+    src, prior = _clip(t=1, h=50, w=71)
+    pha, fgr, state = net(src[:, 0], prior[:, 0])
+    assert pha.shape == (1, 1, 50, 71) and fgr.shape == (1, 3, 50, 71)
+    assert state[0].shape[-2:] == (32, 48)  # 64x96 after padding, stride 2
+
+
+def test_skips_come_from_the_named_features_and_each_has_convlstm_and_attention(net):
+    assert SKIP_INDICES == (1, 3, 6, 13, 17)
+    skips = net.skip_modules()
+    assert [i for i, _, _ in skips] == list(SKIP_INDICES)
+    assert all(isinstance(lstm, ConvLSTM) and isinstance(gate, AttentionGate) for _, lstm, gate in skips)
+    assert len({id(g) for _, _, g in skips}) == 5 and len({id(m) for _, m, _ in skips}) == 5
+    assert net.encoder[0][0].in_channels == 4 and len(net.encoder) == 18
+
+    seen: dict = {}
+    hooks = [net.encoder[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("feat", i), o))
+             for i in SKIP_INDICES]
+    for i, lstm, gate in skips:
+        hooks.append(lstm.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("lstm", i), a[0])))
+        hooks.append(gate.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("gate", i), (a, o))))
+    try:
+        with torch.no_grad():
+            net(*_clip(t=1))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, lstm, gate in skips:
+        feat, lstm_in = seen[("feat", i)], seen[("lstm", i)]
+        assert torch.equal(lstm_in.flatten(0, 1), feat)  # the ConvLSTM reads features[i]
+        (gate_in, gate_signal), gate_out = seen[("gate", i)]
+        assert gate_in.shape[1] == feat.shape[1] + lstm.hidden_channels  # the gate sees the ConvLSTM's output
+        coefficients = gate.coefficients(gate_in, gate_signal)
+        assert coefficients.shape == (1, 1) + gate_in.shape[-2:]
+        assert 0 < coefficients.min() and coefficients.max() < 1  # and weighs every pixel of it
+        assert torch.allclose(gate_out, gate_in * coefficients)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_streaming_frame_by_frame_equals_the_whole_clip(net, ratio):
+    src, prior = _clip(b=2, t=4, h=72, w=100)
+    pha, fgr, state = net(src, prior, downsample_ratio=ratio)
+    rec, phas, fgrs = None, [], []
+    for t in range(4):
+        p, f, rec = net(src[:, t], prior[:, t], rec, ratio)
+        phas.append(p)
+        fgrs.append(f)
+    assert (torch.stack(phas, 1) - pha).abs().max() < 1e-4
+    assert (torch.stack(fgrs, 1) - fgr).abs().max() < 1e-4
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(rec, state))
+
+
+@torch.no_grad()
+def test_state_none_starts_a_new_video(net):
+    src_a, prior_a = _clip(seed=1)
+    src_b, prior_b = _clip(seed=2)
+    fresh, _, _ = net(src_b, prior_b)
+    _, _, state_a = net(src_a, prior_a)
+    carried, _, _ = net(src_b, prior_b, state_a)
+    reset, _, _ = net(src_b, prior_b, None)
+    assert torch.equal(reset, fresh)
+    assert (carried - fresh).abs().max() > 1e-6  # the state does carry information across calls
+    zeros, _, _ = net(src_b, prior_b, net.initial_state(1, H, W))
+    assert (zeros - fresh).abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_downsample_path_runs_the_network_at_low_resolution(net):
+    seen = []
+    hook = net.stages[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[-2:])))
+    try:
+        src, prior = _clip(t=1, h=360, w=640)
+        pha, fgr, state = net(src[:, 0], prior[:, 0], downsample_ratio=0.25)
+        big = torch.rand(1, 3, 720, 1280), torch.rand(1, 1, 720, 1280)
+        pha_big, _, _ = net(*big, downsample_ratio=0.125)
+    finally:
+        hook.remove()
+    assert pha.shape == (1, 1, 360, 640) and fgr.shape == (1, 3, 360, 640) and pha_big.shape == (1, 1, 720, 1280)
+    assert 0 <= pha.min() and pha.max() <= 1 and 0 <= fgr.min() and fgr.max() <= 1
+    # 90x160 padded to 96x160 in both cases: the network's cost does not grow with the input
+    assert seen == [(96, 160), (96, 160)]
+    assert [tuple(s.shape) for s in state] == [tuple(s.shape) for s in net.initial_state(1, 360, 640, 0.25)]
+
+
+def test_guided_filter_recovers_full_resolution_detail_of_a_locally_linear_matte():
+    torch.manual_seed(0)
+    hr_x = torch.rand(1, 1, 64, 64)
+    lr_x = torch.nn.functional.interpolate(hr_x, size=(16, 16), mode="bilinear", align_corners=False)
+    # alpha = 2*guide - 0.3 everywhere: the filter must reproduce it at full resolution, including
+    # detail the low-resolution alpha cannot hold, which plain upsampling loses.
+    out = FastGuidedFilter(radius=1, eps=1e-8)(lr_x, 2 * lr_x - 0.3, hr_x)
+    assert (out - (2 * hr_x - 0.3)).abs().max() < 1e-3
+    naive = torch.nn.functional.interpolate(2 * lr_x - 0.3, size=(64, 64), mode="bilinear", align_corners=False)
+    assert (naive - (2 * hr_x - 0.3)).abs().mean() > 0.1
+
+
+def test_config_is_json_safe_and_records_the_prior():
+    net = matting_net(lstm_channels=(4, 8, 8, 16, 32), prior={"backend": "none", "value": 0.25})
+    assert json.loads(json.dumps(net.config)) == net.config
+    assert net.config["lstm_channels"] == [4, 8, 8, 16, 32] and net.config["prior"]["backend"] == "none"
+    assert matting_net().config["prior"] == {"backend": "selfie"}
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(3)
+    net = lively(matting_net(lstm_channels=(4, 8, 8, 16, 32), prior={"backend": "deeplabv3", "weights": "none"}))
+    path = tmp_path / "sub" / "model.pt"
+    save_checkpoint(net, str(path), extra={"step": 7, "loss": [0.5, 0.25], "ema": torch.ones(2)})
+    loaded = load_checkpoint(str(path))
+    assert isinstance(loaded, MattingNet) and not loaded.training
+    assert loaded.config == net.config
+    assert loaded.checkpoint_extra["step"] == 7 and torch.equal(loaded.checkpoint_extra["ema"], torch.ones(2))
+    src, prior = _clip(t=2)
+    for a, b in zip(net(src, prior), loaded(src, prior)):
+        if isinstance(a, list):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        else:
+            assert torch.equal(a, b)
+    assert read_checkpoint(str(path))["extra"]["loss"] == [0.5, 0.25]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+class _Payload:
+    """An arbitrary class: a safe checkpoint loader must refuse to rebuild it."""
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointError, match="nope.pt.*no such file"):
+        load_checkpoint(str(missing))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="corrupt.pt"):
+        load_checkpoint(str(corrupt))
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint(matting_net(), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        load_checkpoint(str(truncated))
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "matting-checkpoint", "config": "{}", "obj": _Payload()}, unsafe)
+    with pytest.raises(CheckpointError, match="unsafe.pt"):
+        load_checkpoint(str(unsafe))
+    foreign = tmp_path / "foreign.pt"
+    torch.save(mobilenet_v2().state_dict(), foreign)
+    with pytest.raises(CheckpointError, match="not a MattingNet checkpoint"):
+        load_checkpoint(str(foreign))
+    with pytest.raises(TypeError, match="extra.obj"):
+        save_checkpoint(matting_net(), str(tmp_path / "x.pt"), extra={"obj": _Payload()})
+
+
+def test_imagenet_without_the_cache_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = imagenet_cache_path()
+    assert str(expected).startswith(str(tmp_path))
+    with pytest.raises(BackboneWeightsError) as info:
+        matting_net(backbone_weights="imagenet")
+    message = str(info.value)
+    assert str(expected) in message and "backbone_weights=PATH" in message and "'none'" in message
+
+
+def _reference_mobilenet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return mobilenet_v2(weights=None)
+
+
+def test_imagenet_from_the_local_cache_keeps_rgb_filters_and_zeroes_the_prior_channel(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    ref = _reference_mobilenet(5)
+    target = imagenet_cache_path()
+    target.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), target)
+    net = matting_net(backbone_weights="imagenet")
+    first = net.encoder[0][0].weight
+    assert torch.equal(first[:, :3], ref.features[0][0].weight) and torch.all(first[:, 3] == 0)
+    assert torch.equal(net.encoder[17].conv[0][0].weight, ref.features[17].conv[0][0].weight)
+    assert torch.equal(net.encoder[13].conv[1][1].running_mean, ref.features[13].conv[1][1].running_mean)
+
+
+@pytest.mark.parametrize("which", ["model", "features"])
+def test_backbone_weights_from_a_path(tmp_path, which):
+    ref = _reference_mobilenet(6)
+    path = tmp_path / f"{which}.pth"
+    torch.save((ref if which == "model" else ref.features).state_dict(), path)
+    net = matting_net(backbone_weights=str(path))
+    assert torch.equal(net.encoder[0][0].weight[:, :3], ref.features[0][0].weight)
+    assert torch.equal(net.encoder[6].conv[2].weight, ref.features[6].conv[2].weight)
+
+
+def test_backbone_weights_path_errors(tmp_path):
+    with pytest.raises(BackboneWeightsError, match="missing.pth: no such file"):
+        matting_net(backbone_weights=str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk" * 100)
+    with pytest.raises(BackboneWeightsError, match="junk.pth"):
+        matting_net(backbone_weights=str(junk))
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(BackboneWeightsError, match="other.pth: not a mobilenet_v2 state dict"):
+        matting_net(backbone_weights=str(other))
