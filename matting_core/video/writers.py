@@ -96,9 +96,9 @@ def _rate(fps: float | Fraction) -> Fraction:
     if isinstance(fps, Fraction):
         return fps
     # 29.97 -> 30000/1001: keep broadcast rates exact so timestamps do not drift.
-    for den in (1001, 1):
+    for den in (1, 1001):
         num = round(fps * den)
-        if num > 0 and abs(num / den - fps) < 1e-3:
+        if num > 0 and abs(num / den - fps) < 1e-4:
             return Fraction(num, den)
     return Fraction(fps).limit_denominator(100000)
 

@@ -1,0 +1,227 @@
+"""The mattes of one video (DESIGN.md, Mattes layout), written frame by frame and published whole.
+
+Everything is written into a hidden temporary folder beside the destination (`.<stem>.tmp-XXXX`)
+and renamed to `<stem>` only once `result.json` is written, so a reader never sees a half-written
+set as finished. For an object store the set is built in a local temporary folder and uploaded
+file by file with `result.json` last: its presence marks the set as complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import uuid
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+
+from matting_core import storage
+from matting_core.video.writers import (AlphaPngWriter, CompositeWriter, ForegroundPngWriter,
+                                        rgba_mov_writer, rgba_webm_writer, to_rgba)
+
+__all__ = ["FORMATS", "RESULT_FILE", "parse_formats", "MatteOutputs"]
+
+FORMATS = ("pha", "fgr", "rgba.mov", "rgba.webm", "composite.mp4")
+RESULT_FILE = "result.json"
+
+
+def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Validated, de-duplicated output formats from `pha,fgr,...` or a list; raises ValueError."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in (s.strip() for s in items):
+        if not item:
+            continue
+        if item not in FORMATS:
+            raise ValueError(f"unknown output format {item!r}; choose from {', '.join(FORMATS)}")
+        if item not in out:
+            out.append(item)
+    if not out:
+        raise ValueError(f"no output format given; choose from {', '.join(FORMATS)}")
+    return tuple(out)
+
+
+class MatteOutputs:
+    """Writers for the requested formats of one video, published atomically by `commit`.
+
+    Args:
+        out_dir: parent folder or URI; the set appears as `out_dir/<stem>/`.
+        stem: the video's output name (`matting_core.video.video_stem`).
+        formats: subset of FORMATS.
+        fps: frame rate of the video outputs.
+        size: (width, height) of the frames.
+        alpha_bits: 8 or 16 for `pha/*.png`.
+        composite_bg: colour, image or video for `composite.mp4`.
+        background: encode in a writer thread (PNG and video encoders release the GIL), so
+            encoding overlaps the next frame's matting; at most `queue_size` frames wait.
+    """
+
+    def __init__(self, out_dir: str, stem: str, formats: Sequence[str], fps: float | Fraction,
+                 size: tuple[int, int], alpha_bits: int = 8, composite_bg: str = "green",
+                 background: bool = False, queue_size: int = 4):
+        self.formats = parse_formats(formats)
+        self.out_dir, self.stem = out_dir, stem
+        self.final_uri = storage.join(out_dir, stem)
+        local_parent = storage.local_path(out_dir)
+        self._remote = local_parent is None
+        if self._remote:
+            self.tmp = tempfile.mkdtemp(prefix=f"matte-{stem}-")
+        else:
+            os.makedirs(local_parent, exist_ok=True)
+            self.tmp = os.path.join(local_parent, f".{stem}.tmp-{uuid.uuid4().hex[:8]}")
+            os.makedirs(self.tmp)
+        self.frames = 0
+        self._writers: dict[str, object] = {}
+        self._queue: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._discard = False
+        try:
+            if "pha" in self.formats:
+                self._writers["pha"] = AlphaPngWriter(os.path.join(self.tmp, "pha"), bits=alpha_bits)
+            if "fgr" in self.formats:
+                self._writers["fgr"] = ForegroundPngWriter(os.path.join(self.tmp, "fgr"))
+            if "rgba.mov" in self.formats:
+                self._writers["rgba.mov"] = rgba_mov_writer(os.path.join(self.tmp, "rgba.mov"), fps, size)
+            if "rgba.webm" in self.formats:
+                self._writers["rgba.webm"] = rgba_webm_writer(os.path.join(self.tmp, "rgba.webm"), fps, size)
+            if "composite.mp4" in self.formats:
+                self._writers["composite.mp4"] = CompositeWriter(
+                    os.path.join(self.tmp, "composite.mp4"), fps, size, composite_bg)
+        except BaseException:
+            self.abort()
+            raise
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, queue_size))
+            self._worker = threading.Thread(target=self._drain, name=f"matte-writer-{stem}", daemon=True)
+            self._worker.start()
+
+    def write(self, index: int, pha: np.ndarray, fgr: np.ndarray) -> None:
+        """Add frame `index`: alpha float32 [H,W] in [0,1], foreground uint8 [H,W,3] RGB.
+
+        With a writer thread the arrays are encoded later: the caller must not modify them.
+        """
+        if self._queue is None:
+            self._encode(index, pha, fgr)
+        else:
+            self._raise_pending()
+            self._queue.put((index, pha, fgr))
+        self.frames += 1
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None and not self._discard:
+                try:
+                    self._encode(*item)
+                except BaseException as exc:  # handed to the caller at its next write or commit
+                    self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    def _encode(self, index: int, pha: np.ndarray, fgr: np.ndarray) -> None:
+        rgba = None
+        for name, writer in self._writers.items():
+            if name == "pha":
+                writer.write(index, pha)
+            elif name == "fgr":
+                writer.write(index, fgr)
+            elif name == "composite.mp4":
+                writer.write(pha, fgr)
+            else:
+                if rgba is None:
+                    rgba = to_rgba(fgr, pha)
+                writer.write(rgba)
+
+    def _close_writers(self) -> None:
+        writers, self._writers = self._writers, {}
+        error = None
+        for writer in writers.values():
+            try:
+                writer.close()
+            except Exception as exc:  # close every writer, then report the first failure
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def finish(self) -> None:
+        """Encode what is queued and finish every file (raises the first encoding error)."""
+        self._stop_worker()
+        self._raise_pending()
+        self._close_writers()
+
+    def commit(self, result: dict) -> str:
+        """Finish every file, write `result.json` and publish the set; returns its URI."""
+        try:
+            self.finish()
+            with open(os.path.join(self.tmp, RESULT_FILE), "w") as f:
+                json.dump(result, f, indent=2, default=str)
+            if self._remote:
+                self._upload()
+            else:
+                self._publish_local()
+        except BaseException:
+            self.abort()
+            raise
+        return self.final_uri
+
+    def _publish_local(self) -> None:
+        final = storage.local_path(self.final_uri)
+        old = None
+        if os.path.lexists(final):
+            # A rename cannot replace a non-empty folder: move the old set aside first.
+            old = os.path.join(os.path.dirname(final), f".{self.stem}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+        os.rename(self.tmp, final)
+        if old is not None:
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.remove(old)
+
+    def _upload(self) -> None:
+        fs, root = storage.filesystem(self.final_uri)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        files = []
+        for folder, _, names in os.walk(self.tmp):
+            files += [os.path.join(folder, n) for n in sorted(names)]
+        last = os.path.join(self.tmp, RESULT_FILE)
+        for path in sorted(f for f in files if f != last) + [last]:
+            rel = os.path.relpath(path, self.tmp).replace(os.sep, "/")
+            fs.put_file(path, f"{root.rstrip('/')}/{rel}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing is published."""
+        self._discard = True
+        try:
+            self._stop_worker()
+        except Exception:
+            pass
+        try:
+            self._close_writers()
+        except Exception:  # the files are being discarded anyway
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,278 @@
+"""`matting matte`: one video (or frame folder) matted locally, written as DESIGN.md's Mattes layout."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
+from pipelines.config import load, overrides_from_args, to_dict
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("pha", "fgr", "rgba.webm")
+
+
+@dataclass(frozen=True)
+class MatteConfig:
+    """Settings of one `matting matte` run (defaults < YAML file < flags).
+
+    `prior`, `prior_weights` and `smooth_prior` left unset use what the checkpoint records.
+    `downsample_ratio` unset picks one per video so the network's input's longer side is at
+    most `max_side`. `fps` unset takes the video's (frame folders default to 25).
+    """
+
+    video: str = ""
+    out: str = ""
+    model: str = ""
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    prior: str | None = None
+    prior_weights: str | None = None
+    smooth_prior: bool | None = None
+    smooth_alpha: bool = False
+    device: str = "auto"
+    amp: bool = True
+    alpha_bits: int = 8
+    composite_bg: str = "green"
+    downsample_ratio: float | None = None
+    max_side: int = 512
+    fps: float | None = None
+    threads: int = 0
+    writer_thread: bool = True
+    progress: bool | None = None
+
+
+_FLAGS = {
+    "video": "video", "out": "out", "model": "model", "formats": "formats", "prior": "prior",
+    "prior_weights": "prior_weights", "smooth_prior": "smooth_prior", "smooth_alpha": "smooth_alpha",
+    "device": "device", "amp": "amp", "alpha_bits": "alpha_bits", "composite_bg": "composite_bg",
+    "downsample_ratio": "downsample_ratio", "max_side": "max_side", "fps": "fps", "threads": "threads", "writer_thread": "writer_thread",
+    "progress": "progress",
+}
+
+EPILOG = """\
+examples:
+  matting matte clip.mp4 -o mattes --model checkpoints/model.pt
+  matting matte clip.mp4 -o mattes --model models:/matting@champion \\
+      --formats pha,fgr,rgba.mov,rgba.webm,composite.mp4 --composite-bg '#00b140'
+  matting matte frames/ -o mattes --model model.pt --formats pha --alpha-bits 16 --fps 30
+  matting matte talk.mp4 -o mattes --model model.pt --formats composite.mp4 --composite-bg beach.mp4
+  matting matte clip.mp4 -o mattes --config matte.yaml --device cuda
+
+outputs (DIR/<video stem>/, published only when complete):
+  pha/000000.png  alpha (8-bit, or 16-bit with --alpha-bits 16)
+  fgr/000000.png  foreground colour
+  rgba.mov        ProRes 4444 with alpha;  rgba.webm  VP9 with alpha
+  composite.mp4   H.264 over a colour (name, #rrggbb, r,g,b), an image or a (looped) video
+  result.json     status, frames, fps, model, prior, timings, errors (always)
+
+exit status: 0 all frames matted, 3 some frames could not be read (listed in result.json),
+2 usage error, 1 nothing produced.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `matting matte`."""
+    p = subparsers.add_parser(
+        "matte", help="matte one video or frame folder locally",
+        description="Matte one video (or folder of numbered frames) with a trained model, streaming "
+                    "frame by frame in constant memory, and write the requested formats.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("video", nargs="?", default=None, help="video file or folder of numbered PNG/JPEG frames")
+    p.add_argument("-o", "--out", default=None, help="output folder (or URI); results go to OUT/<video stem>/")
+    p.add_argument("--model", default=None, help="checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated: pha,fgr,rgba.mov,rgba.webm,composite.mp4 (default pha,fgr,rgba.webm)")
+    p.add_argument("--prior", default=None, choices=["selfie", "deeplabv3", "none"],
+                   help="person prior (default: the one the checkpoint records)")
+    p.add_argument("--prior-weights", default=None, help="prior weights: default, none or a PATH")
+    p.add_argument("--no-smooth-prior", dest="smooth_prior", action="store_const", const=False, default=None,
+                   help="feed the raw prior to the network (no motion-compensated smoothing)")
+    p.add_argument("--smooth-alpha", action="store_const", const=True, default=None,
+                   help="also smooth the output alpha along the motion")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
+                   help="full precision on CUDA")
+    p.add_argument("--alpha-bits", type=int, default=None, choices=[8, 16], help="bits of pha/*.png (default 8)")
+    p.add_argument("--composite-bg", default=None, help="COLOR|IMAGE|VIDEO behind composite.mp4 (default green)")
+    p.add_argument("--downsample-ratio", type=float, default=None,
+                   help="network input scale in (0,1] (default: longer side at most --max-side)")
+    p.add_argument("--max-side", type=int, default=None, help="longer side of the network input when automatic (512)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the outputs (default: the video's; 25 for frame folders)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (default: all)")
+    p.add_argument("--no-writer-thread", dest="writer_thread", action="store_const", const=False, default=None,
+                   help="encode outputs in the main thread instead of overlapping them with matting")
+    p.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                   help="show the progress bar even when stderr is not a terminal")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="never show the progress bar")
+    p.add_argument("--config", default=None, help="YAML file with MatteConfig fields")
+    p.set_defaults(run=run)
+    return p
+
+
+def _config(args: argparse.Namespace) -> MatteConfig:
+    cfg = load(MatteConfig, args.config, overrides_from_args(args, _FLAGS))
+    missing = [name for name, value in (("VIDEO", cfg.video), ("-o/--out", cfg.out), ("--model", cfg.model))
+               if not value]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)} (give them as arguments or in --config)")
+    from matting_core.outputs import parse_formats
+    try:
+        formats = parse_formats(cfg.formats)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if cfg.alpha_bits not in (8, 16):
+        raise UsageError(f"--alpha-bits must be 8 or 16, got {cfg.alpha_bits}")
+    if cfg.downsample_ratio is not None and not 0.0 < cfg.downsample_ratio <= 1.0:
+        raise UsageError(f"--downsample-ratio must be in (0, 1], got {cfg.downsample_ratio}")
+    if cfg.fps is not None and cfg.fps <= 0:
+        raise UsageError(f"--fps must be positive, got {cfg.fps}")
+    return dataclasses.replace(cfg, formats=formats)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Matte one video; returns the exit status."""
+    cfg = _config(args)
+    from matting_core.matter import resolve_device
+    from matting_core.outputs import MatteOutputs
+    from matting_core.video import VideoError, probe, video_stem
+
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        info = probe(cfg.video)
+    except VideoError as exc:
+        print(f"matting matte: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        matter, model_config = _build_matter(cfg, device)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        print(f"matting matte: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    stem = video_stem(cfg.video)
+    fps = cfg.fps or info.fps
+    try:
+        outputs = MatteOutputs(cfg.out, stem, cfg.formats, fps, (info.width, info.height),
+                               alpha_bits=cfg.alpha_bits, composite_bg=cfg.composite_bg,
+                               background=cfg.writer_thread)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    with outputs:
+        try:
+            summary = _matte(cfg, info, matter, outputs)
+        except Exception as exc:  # decoding, matting or encoding: report, publish nothing
+            outputs.abort()
+            print(f"matting matte: {cfg.video}: failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if summary["frames"] == 0:
+            outputs.abort()
+            print(f"matting matte: {cfg.video}: no frame could be read", file=sys.stderr)
+            for err in summary["errors"]:
+                print(f"  frame {err['index']}: {err['message']}", file=sys.stderr)
+            return EXIT_FAILED
+        status = "partial" if summary["lost_frames"] else "ok"
+        result = {
+            "status": status,
+            "video": cfg.video,
+            "stem": stem,
+            "frames": summary["frames"],
+            "source_frames": info.frames,
+            "lost_frames": summary["lost_frames"],
+            "errors": summary["errors"],
+            "fps": fps,
+            "width": info.width,
+            "height": info.height,
+            "formats": list(cfg.formats),
+            "model": cfg.model,
+            "model_config": model_config,
+            "prior": matter.prior_stream.spec,
+            "matter": matter.spec,
+            "timings": summary["timings"],
+            "config": to_dict(cfg),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        where = outputs.commit(result)
+    t = summary["timings"]
+    print(f"{stem}: {summary['frames']} frames -> {where} ({t['fps']:.1f} frames/s)", file=sys.stderr)
+    for err in summary["errors"]:
+        print(f"  frame {err['index']} lost: {err['message']}", file=sys.stderr)
+    return EXIT_PARTIAL if summary["lost_frames"] else EXIT_OK
+
+
+def _build_matter(cfg: MatteConfig, device):
+    from matting_core.matter import Matter, prior_stream_from_spec
+    from pipelines.model_ref import load_model
+
+    net = load_model(cfg.model, device=str(device))
+    config = dict(getattr(net, "config", {}) or {})
+    stream = prior_stream_from_spec(config.get("prior"), backend=cfg.prior, weights=cfg.prior_weights,
+                                    smooth=cfg.smooth_prior, device=device)
+    matter = Matter(net, stream, device=device, amp=cfg.amp, downsample_ratio=cfg.downsample_ratio,
+                    max_side=cfg.max_side, smooth_alpha=cfg.smooth_alpha, threads=cfg.threads)
+    return matter, config
+
+
+def _matte(cfg: MatteConfig, info, matter, outputs) -> dict[str, Any]:
+    """Decode, matte and write every frame; returns frames written, lost frames and timings."""
+    from tqdm import tqdm
+
+    from matting_core.video import iter_frames
+
+    errors: list[dict[str, Any]] = []
+
+    def on_error(index: int, message: str) -> None:
+        errors.append({"index": index, "message": message})
+        log.warning("frame %d skipped: %s", index, message)
+
+    frames = iter_frames(cfg.video, on_error=on_error)
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=info.frames, unit="frame", desc=outputs.stem, disable=not show, dynamic_ncols=True)
+    decode_s = encode_s = 0.0
+    written = 0
+    start = time.perf_counter()
+    matter.reset()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            frame = next(frames, None)
+            decode_s += time.perf_counter() - t0
+            if frame is None:
+                break
+            # Frames reported to on_error were skipped: the source index counts them too.
+            index = written + len(errors)
+            if frame.shape[:2] != (info.height, info.width):
+                on_error(index, f"frame is {frame.shape[1]}x{frame.shape[0]}, "
+                                f"the video is {info.width}x{info.height}")
+                continue
+            res = matter.step(frame)
+            t0 = time.perf_counter()
+            outputs.write(index, res.pha, res.fgr)
+            encode_s += time.perf_counter() - t0
+            written += 1
+            bar.update(1)
+        t0 = time.perf_counter()
+        outputs.finish()
+        encode_s += time.perf_counter() - t0
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    timings = matter.timer.summary()
+    n = max(written, 1)
+    timings["total_s"].update({"decode": round(decode_s, 4), "encode": round(encode_s, 4),
+                               "wall": round(wall, 4)})
+    timings["ms_per_frame"].update({"decode": round(1e3 * decode_s / n, 3),
+                                    "encode": round(1e3 * encode_s / n, 3),
+                                    "wall": round(1e3 * wall / n, 3)})
+    timings["fps"] = round(written / wall, 3) if wall > 0 else 0.0
+    # With the writer thread, "encode" is the time matting waited for the encoders, not their cost.
+    timings["writer_thread"] = bool(cfg.writer_thread)
+    return {"frames": written, "lost_frames": sorted(e["index"] for e in errors),
+            "errors": errors, "timings": timings}

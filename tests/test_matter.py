@@ -1,0 +1,152 @@
+"""Streaming matting: Matter equals manual per-frame network calls, holds no past frames, resets."""
+from __future__ import annotations
+
+import gc
+import inspect
+import itertools
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matting_core.flow import TemporalSmoother
+from matting_core.matter import Matter, auto_downsample_ratio, prior_stream_from_spec, resolve_device
+from matting_core.model import matting_net
+from matting_core.prior import ConstantPrior, PriorStream, SelfiePrior, make_prior
+from matting_core.video import iter_frames
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CARPHONE = SHARED / "data" / "videos" / "people" / "carphone.mp4"
+SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
+STREET = SHARED / "data" / "videos" / "people" / "street-two-people" / "frames"
+
+
+@pytest.fixture(scope="module")
+def frames():
+    if not CARPHONE.exists():
+        pytest.skip(f"{CARPHONE} absent")
+    return list(itertools.islice(iter_frames(str(CARPHONE)), 6))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return matting_net(backbone_weights="none").eval()
+
+
+def _selfie_stream():
+    if not SELFIE.exists():
+        pytest.skip(f"{SELFIE} absent")
+    return PriorStream(make_prior("selfie", weights=str(SELFIE)), TemporalSmoother())
+
+
+def test_streaming_equals_manual_per_frame_calls(frames, net):
+    matter = Matter(net, _selfie_stream(), device="cpu")
+    results = list(matter.run(frames))
+    assert [r.index for r in results] == list(range(len(frames)))
+
+    stream, state = _selfie_stream(), None
+    for frame, res in zip(frames, results):
+        prior = stream(frame)
+        src = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+        with torch.inference_mode():
+            pha, fgr, state = net(src, torch.from_numpy(prior)[None, None], state)
+        assert res.pha.dtype == np.float32 and res.pha.shape == frame.shape[:2]
+        assert res.fgr.dtype == np.uint8 and res.fgr.shape == frame.shape
+        np.testing.assert_allclose(res.prior, prior, atol=1e-6)
+        np.testing.assert_allclose(res.pha, pha[0, 0].numpy(), atol=1e-5)
+        expect_fgr = (fgr[0].permute(1, 2, 0).clamp(0, 1) * 255).round().numpy()
+        assert np.abs(res.fgr.astype(float) - expect_fgr).max() <= 1
+    # The recurrent state was carried frame to frame exactly as the manual loop carried it.
+    assert len(matter.state) == len(state)
+    for mine, ref in zip(matter.state, state):
+        torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
+    assert max(float(t.abs().max()) for t in state) > 0
+
+    timings = matter.timer.summary()
+    assert timings["frames"] == len(frames)
+    assert {"prior", "smoothing", "net"} <= set(timings["ms_per_frame"])
+    assert all(v > 0 for v in timings["ms_per_frame"].values())
+
+
+def test_run_is_lazy_and_keeps_no_frames(frames, net):
+    matter = Matter(net, PriorStream(ConstantPrior(0.5), TemporalSmoother()), device="cpu")
+    consumed = []
+    refs = []
+
+    def source():
+        for i in range(5):
+            frame = frames[i].copy()
+            refs.append(weakref.ref(frame))
+            consumed.append(i)
+            yield frame
+            del frame
+
+    gen = matter.run(source())
+    assert inspect.isgenerator(gen)
+    assert consumed == []  # nothing is read before the first result is asked for
+    first = next(gen)
+    assert consumed == [0] and first.index == 0
+    next(gen)
+    next(gen)
+    assert consumed == [0, 1, 2]
+    gc.collect()
+    # Frames already matted are not held by the Matter (only the derived histories are).
+    assert refs[0]() is None and refs[1]() is None
+
+
+def test_reset_between_videos_and_on_size_change(frames, net):
+    matter = Matter(net, PriorStream(ConstantPrior(0.5), TemporalSmoother()), device="cpu",
+                    smooth_alpha=True)
+    a = [r.pha for r in matter.run(frames[:3])]
+    b = [r.pha for r in matter.run(frames[:3])]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    # A frame of another size starts afresh instead of failing on the old recurrent state.
+    small = np.ascontiguousarray(frames[3][:96, :128])
+    fresh = Matter(net, PriorStream(ConstantPrior(0.5), TemporalSmoother()), device="cpu",
+                   smooth_alpha=True).step(small)
+    res = matter.step(small)
+    assert res.pha.shape == (96, 128)
+    np.testing.assert_allclose(res.pha, fresh.pha, atol=1e-6)
+    assert "alpha_smoothing" in matter.timer.seconds
+
+
+def test_prior_comes_from_checkpoint_config_with_overrides(net):
+    cfg_net = matting_net(backbone_weights="none", prior={"backend": "none", "value": 0.25})
+    matter = Matter(cfg_net, device="cpu")
+    assert isinstance(matter.prior_stream.prior.inner, ConstantPrior)
+    assert matter.prior_stream.prior.inner.value == 0.25
+    assert matter.spec["prior_stream"]["prior"] == {"backend": "none", "value": 0.25}
+    assert matter.prior_stream.smoother is not None  # smoothing is on unless turned off
+    if SELFIE.exists():
+        stream = prior_stream_from_spec(cfg_net.config["prior"], backend="selfie", weights=str(SELFIE))
+        assert isinstance(stream.prior, SelfiePrior)
+    off = prior_stream_from_spec({"prior": {"backend": "none"}, "smoother": {"new_weight": 0.5},
+                                  "key_interval": 1}, smooth=False)
+    assert off.smoother is None
+
+
+def test_device_and_downsample_choices(net):
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="downsample_ratio"):
+        Matter(net, PriorStream(ConstantPrior()), device="cpu", downsample_ratio=1.5)
+    assert auto_downsample_ratio(288, 512) == 1.0
+    assert auto_downsample_ratio(1080, 1920) == pytest.approx(512 / 1920)
+
+
+def test_large_frame_goes_through_the_downsample_path(net):
+    if not STREET.exists():
+        pytest.skip(f"{STREET} absent")
+    frame = next(iter_frames(str(STREET)))
+    matter = Matter(net, PriorStream(ConstantPrior(0.5)), device="cpu")
+    res = matter.step(frame)
+    assert matter.ratio == pytest.approx(512 / 1920)
+    assert res.pha.shape == (1080, 1920) and res.fgr.shape == (1080, 1920, 3)
+    assert 0.0 <= res.pha.min() and res.pha.max() <= 1.0
