@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     try:
-        info = probe(cfg.video)
+        info = probe(cfg.video, strict=False)  # a corrupt frame is reported by index, not fatal
     except VideoError as exc:
         print(f"matting matte: {exc}", file=sys.stderr)
         return EXIT_FAILED

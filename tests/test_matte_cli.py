@@ -179,3 +179,18 @@ def test_config_file_and_flags(tmp_path, checkpoint, capsys):
     assert result["matter"]["alpha_smoother"] is not None
     assert result["config"]["device"] == "cpu"
     assert len(os.listdir(tmp_path / "out" / "clip" / "pha")) == 4
+
+
+def test_corrupt_frame_inside_a_video_file_is_reported_and_the_rest_comes_out(tmp_path, checkpoint, capsys):
+    from tests.test_video_reader import write_mjpeg_with_corrupt_frame
+
+    video = tmp_path / "talk.avi"
+    write_mjpeg_with_corrupt_frame(video, frames=10, bad=5)
+    out = tmp_path / "out"
+    rc = main(["matte", str(video), "-o", str(out), "--formats", "pha,rgba.webm", "--model", checkpoint])
+    err = capsys.readouterr().err
+    assert rc == 3 and "frame 5" in err and "talk.avi" in err
+    result = json.loads((out / "talk" / "result.json").read_text())
+    assert result["status"] == "partial" and result["frames"] == 9
+    assert len(list((out / "talk" / "pha").iterdir())) == 9
+    assert len(list(read_alpha_video(str(out / "talk" / "rgba.webm")))) == 9

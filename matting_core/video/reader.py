@@ -112,8 +112,13 @@ def _open(uri: str):
     return av.open(fs.open(path, "rb"), "r")
 
 
-def probe(uri: str) -> VideoInfo:
-    """Open and fully decode a video (or a frame folder's first frame) to learn its true shape."""
+def probe(uri: str, strict: bool = True) -> VideoInfo:
+    """Open and fully decode a video (or a frame folder's first frame) to learn its true shape.
+
+    `strict` (for training sources) rejects a video with any undecodable packet or fewer frames
+    than it declares; otherwise (for matting) those are left to `iter_frames(on_error=...)` to
+    report frame by frame, and only a video with no decodable frame at all is an error.
+    """
     files = frame_files(uri)
     if files:
         first = _to_rgb(decode_image(storage.read_bytes(files[0]), files[0]))
@@ -133,17 +138,19 @@ def probe(uri: str) -> VideoInfo:
         fps = float(stream.average_rate or stream.guessed_rate or 25.0)
         pts: list[int] = []
         width = height = 0
-        try:
-            for frame in container.decode(stream):
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as exc:
+                if strict:
+                    raise VideoError(uri, f"undecodable data after frame {len(pts)}: {exc}") from exc
+                continue
+            for frame in frames:
                 pts.append(frame.pts if frame.pts is not None else len(pts))
                 width, height = frame.width, frame.height
-        except av.error.FFmpegError as exc:
-            if not pts:
-                raise VideoError(uri, f"no decodable frame ({exc})") from exc
-            raise VideoError(uri, f"decoding stopped after {len(pts)} frames: {exc}") from exc
     if not pts:
         raise VideoError(uri, "decodes no frames")
-    if declared and len(pts) + _COUNT_TOLERANCE < declared:
+    if strict and declared and len(pts) + _COUNT_TOLERANCE < declared:
         raise VideoError(uri, f"truncated: declares {declared} frames but only {len(pts)} decode")
     return VideoInfo(uri, width, height, fps, declared, len(pts), "video", tuple(pts))
 
