@@ -3,6 +3,11 @@
     python bench/bench_model.py                 # 512x288 and 1920x1080 (downsample_ratio 0.25)
     python bench/bench_model.py --frames 50 --threads 2
 
+Compares, interleaved in one process (the machine is shared; rounds alternate so that load hits
+every variant alike): architecture version 1 as built before (`arch=1, head_channels=12`), the
+default version 2, and version 2 after `optimize_for_inference` (what the streaming Matter runs).
+Frames are fed with the channels-last strides a frame converted from an HWC image has.
+
 Re-executes itself with GLIBC_TUNABLES set (see STACK.md: avoids page-fault storms that make CPU
 timings swing); pass --no-tunables to measure without.
 """
@@ -17,20 +22,27 @@ import time
 TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
 
 
-def bench(net, width: int, height: int, ratio: float, frames: int, warmup: int) -> list[float]:
-    """Per-frame wall times (ms) of `net` streaming `frames` frames of `width` x `height`."""
+def bench(nets: dict, width: int, height: int, ratio: float, frames: int, warmup: int, rounds: int = 5
+          ) -> dict[str, list[float]]:
+    """Per-frame wall times (ms) of each net streaming `frames` frames of `width` x `height`, in interleaved rounds."""
     import torch
 
-    src = torch.rand(1, 3, height, width)
+    frame = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
+    src = frame.permute(2, 0, 1)[None].float().div_(255)  # [1,3,H,W], channels-last strides
     prior = torch.rand(1, 1, height, width)
-    state = None
-    times = []
+    states: dict = {name: None for name in nets}
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    per_round = max(1, frames // rounds)
     with torch.inference_mode():
-        for i in range(warmup + frames):
-            t0 = time.perf_counter()
-            _, _, state = net(src, prior, state, ratio)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+        for name, net in nets.items():
+            for _ in range(warmup):
+                _, _, states[name] = net(src, prior, states[name], ratio)
+        for _ in range(rounds):
+            for name, net in nets.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    _, _, states[name] = net(src, prior, states[name], ratio)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -49,10 +61,13 @@ def main() -> int:
     import torch
 
     from matting_core.model import matting_net
+    from matting_core.model.inference import optimize_for_inference
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = matting_net().eval()
+    nets = {"arch 1 (before)": matting_net(arch=1, head_channels=12).eval(), "arch 2": net,
+            "arch 2 optimized": optimize_for_inference(net)}
     print(f"MattingNet {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
           f"{torch.get_num_threads()} threads, GLIBC_TUNABLES={'set' if os.environ.get('GLIBC_TUNABLES') else 'unset'}")
     # The bare encoder at the same size: a yardstick that shows how busy the machine was.
@@ -70,10 +85,10 @@ def main() -> int:
     print(f"reference: mobilenet_v2 features[:18] alone at 512x288: median {statistics.median(times):.1f} ms "
           f"(min {min(times):.1f})")
     for width, height, ratio in [(512, 288, 1.0), (1920, 1080, 0.25)]:
-        times = bench(net, width, height, ratio, args.frames, args.warmup)
-        med = statistics.median(times)
-        print(f"{width}x{height} downsample_ratio={ratio}: median {med:.1f} ms/frame "
-              f"(mean {statistics.mean(times):.1f}, min {min(times):.1f}) = {1e3 / med:.1f} frames/s")
+        for name, times in bench(nets, width, height, ratio, args.frames, args.warmup).items():
+            med = statistics.median(times)
+            print(f"{width}x{height} downsample_ratio={ratio} {name:17s}: median {med:.1f} ms/frame "
+                  f"(mean {statistics.mean(times):.1f}, min {min(times):.1f}) = {1e3 / med:.1f} frames/s")
     return 0
 
 

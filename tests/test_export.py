@@ -110,7 +110,7 @@ def test_load_model_from_a_path_or_a_folder(net, tmp_path):
     for ref in (str(ckpt), str(ckpt.parent)):
         loaded = load_model(ref, device="cpu")
         assert loaded.config == net.config and not loaded.training
-        assert torch.equal(loaded.head[1].weight, net.head[1].weight)
+        assert torch.equal(loaded.output_conv.weight, net.output_conv.weight)
     save_checkpoint(net, str(tmp_path / "run" / "other.pt"))
     assert find_checkpoint(ckpt.parent) == ckpt  # model.pt wins among several
     (tmp_path / "run" / "model.pt").unlink()
@@ -144,6 +144,6 @@ def test_load_model_from_the_mlflow_registry(net, tmp_path, monkeypatch):
 
     for ref in ("models:/matting@candidate", f"models:/matting/{version.version}"):
         loaded = load_model(ref)
-        assert loaded.config == net.config and torch.equal(loaded.head[1].weight, net.head[1].weight)
+        assert loaded.config == net.config and torch.equal(loaded.output_conv.weight, net.output_conv.weight)
     with pytest.raises(ModelRefError, match="models:/absent@candidate.*sqlite:///mlflow.db"):
         load_model("models:/absent@candidate")

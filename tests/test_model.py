@@ -26,8 +26,8 @@ def lively(net: MattingNet, seed: int = 0) -> MattingNet:
     """`net` with what training gives a net and initialisation does not: batch-norm statistics of its
     own activations and a non-zero output layer (a fresh net returns the prior; tests need more)."""
     gen = torch.Generator().manual_seed(seed)
-    net.head[1].weight.copy_(torch.randn(net.head[1].weight.shape, generator=gen) * 0.5)
-    net.head[1].bias.copy_(torch.randn(4, generator=gen) * 0.1)
+    net.output_conv.weight.copy_(torch.randn(net.output_conv.weight.shape, generator=gen) * 0.5)
+    net.output_conv.bias.copy_(torch.randn(4, generator=gen) * 0.1)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
@@ -273,3 +273,62 @@ def test_backbone_weights_path_errors(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, other)
     with pytest.raises(BackboneWeightsError, match="other.pth: not a mobilenet_v2 state dict"):
         matting_net(backbone_weights=str(other))
+
+
+@torch.no_grad()
+def test_optimized_for_inference_equals_the_net_and_streams_like_a_clip(net):
+    from matting_core.model.inference import optimize_for_inference
+
+    fast = optimize_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # folded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    assert fast.config == net.config and fast.channels_last
+    for ratio in (1.0, 0.5):
+        src, prior = _clip(b=1, t=3, h=72, w=100)
+        pha, fgr, state = net(src, prior, downsample_ratio=ratio)
+        rec, phas, fgrs = None, [], []
+        # a frame made from an HWC image has channels-last strides, as in the streaming Matter
+        for t in range(3):
+            frame = src[:, t].contiguous(memory_format=torch.channels_last)
+            p, f, rec = fast(frame, prior[:, t], rec, ratio)
+            phas.append(p)
+            fgrs.append(f)
+        assert (torch.stack(phas, 1) - pha).abs().max() < 1e-4
+        assert (torch.stack(fgrs, 1) - fgr).abs().max() < 1e-4
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(rec, state))
+    with pytest.raises(ValueError, match="optimize_for_inference"):
+        save_checkpoint(fast, "unused.pt")
+
+
+@torch.no_grad()
+def test_version_1_checkpoints_without_an_arch_key_still_load(tmp_path):
+    torch.manual_seed(4)
+    old = lively(matting_net(arch=1, head_channels=12))
+    path = tmp_path / "v1.pt"
+    save_checkpoint(old, str(path))
+    payload = torch.load(path, weights_only=True)
+    config = json.loads(payload["config"])
+    del config["arch"]  # as written before architecture versions existed
+    payload["config"] = json.dumps(config)
+    torch.save(payload, path)
+    loaded = load_checkpoint(str(path))
+    assert loaded.config["arch"] == 1 and loaded.config["head_channels"] == 12
+    src, prior = _clip(t=2)
+    assert torch.equal(old(src, prior)[0], loaded(src, prior)[0])
+    assert matting_net().config["arch"] == 2
+
+
+def test_refiner_equals_the_plain_guided_filter_on_the_grey_guide():
+    torch.manual_seed(2)
+    from matting_core.model.refine import GuidedRefiner
+
+    src = torch.rand(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    src_lr = torch.nn.functional.interpolate(src, size=(16, 24), mode="bilinear", align_corners=False)
+    fgr_lr, pha_lr = torch.rand(1, 3, 16, 24), torch.rand(1, 1, 16, 24)
+    gf = FastGuidedFilter(1, 1e-5)
+    want_fgr = gf(src_lr, fgr_lr, src).clamp(0, 1)
+    want_pha = gf(src_lr.mean(1, keepdim=True), pha_lr, src.mean(1, keepdim=True)).clamp(0, 1)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            fgr, pha = GuidedRefiner(1, 1e-5)(src, src_lr, fgr_lr, pha_lr)
+        assert (fgr - want_fgr).abs().max() < 1e-5 and (pha - want_pha).abs().max() < 1e-5

@@ -123,20 +123,23 @@ class AttentionGate(nn.Module):
         gate_channels: channels of `g`.
         inter_channels: width of the attention's hidden layer.
         global_gate: `g` is `[N,Cg,1,1]` and broadcasts instead of being upsampled.
+        projected: `g` is already `up(phi(g))` at x's resolution (`[N,inter,H,W]`): the caller
+            computed it together with its own projections (see `LightDecoderLevel`); no `phi` here.
     """
 
     def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int,
-                 global_gate: bool = False) -> None:
+                 global_gate: bool = False, projected: bool = False) -> None:
         super().__init__()
         self.global_gate = global_gate
+        self.projected = projected
         self.theta = nn.Conv2d(skip_channels, inter_channels, 1, bias=False)
-        self.phi = nn.Conv2d(gate_channels, inter_channels, 1, bias=True)
+        self.phi = nn.Identity() if projected else nn.Conv2d(gate_channels, inter_channels, 1, bias=True)
         self.psi = nn.Conv2d(inter_channels, 1, 1, bias=True)
 
     def coefficients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Attention map `[N,1,H,W]` in [0,1] for skip `x` `[N,C,H,W]` and gate `g` `[N,Cg,h,w]`."""
         gate = self.phi(g)
-        if not self.global_gate:
+        if not self.global_gate and not self.projected:
             gate = F.interpolate(gate, size=[x.shape[2], x.shape[3]], mode="bilinear", align_corners=False)
         return torch.sigmoid(self.psi(F.relu(self.theta(x) + gate)))
 

@@ -46,6 +46,9 @@ def save_checkpoint(net: MattingNet, path: str, extra: Optional[Dict[str, Any]] 
     `extra` may hold tensors, numbers, strings, lists and dicts (for example an optimizer state
     dict or the step); anything else is refused here rather than failing at load time.
     """
+    if getattr(net, "inference_optimized", False):
+        raise ValueError("save_checkpoint: this MattingNet went through optimize_for_inference (batch norms "
+                         "folded), so its weights no longer fit its config; save the original net instead")
     extra = dict(extra or {})
     _check_plain(extra, "extra")
     payload = {
@@ -88,8 +91,10 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
 def load_checkpoint(path: str, map_location: Any = "cpu") -> MattingNet:
     """Rebuild the `MattingNet` saved at `path` (in eval mode); its `extra` is on `net.checkpoint_extra`."""
     ckpt = read_checkpoint(path, map_location)
+    config = dict(ckpt["config"])
+    config.setdefault("arch", 1)  # written before architecture versions existed
     try:
-        net = MattingNet(**ckpt["config"])
+        net = MattingNet(**config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: config does not fit MattingNet ({exc})") from exc
     try:
