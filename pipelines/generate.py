@@ -42,7 +42,7 @@ class GenerateConfig:
     shard_size: int = 16
     jpeg_quality: int = 95
     overwrite: bool = False
-    cache_mb: int = 512
+    cache_mb: int = 1024
     progress: bool = True
     fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
 
@@ -126,14 +126,22 @@ class ShardMaker:
         self.photo_cache = PhotoCache(max_items=256, max_height=_photo_max_height(self.cfg))
         self.bg_reader = BackgroundReader(budget_bytes=self.cfg.cache_mb << 20)
 
+    def _plan(self, index: int):
+        from matting_core.plan import plan_clip
+
+        fm = self.cfg.fakemotion
+        return plan_clip(self.cfg.seed, index, len(self.photos), [b.frames for b in self.backgrounds], fm.frames)
+
+    def _segment_key(self, index: int) -> tuple[int, int]:
+        plan = self._plan(index)
+        return plan.background, plan.start
+
     def make_clip(self, index: int, timings: dict) -> dict:
         """Synthesise and encode clip `index` (a row of the clip schema)."""
         from matting_core.clips import encode_clip
         from matting_core.fakemotion import clip_rng, synthesize_clip
-        from matting_core.plan import plan_clip
-
         cfg, fm = self.cfg, self.cfg.fakemotion
-        plan = plan_clip(cfg.seed, index, len(self.photos), [b.frames for b in self.backgrounds], fm.frames)
+        plan = self._plan(index)
         photo_info, bg_info = self.photos[plan.photo], self.backgrounds[plan.background]
         t0 = time.perf_counter()
         photo = self.photo_cache.get(photo_info)
@@ -160,13 +168,16 @@ class ShardMaker:
             start, stop = int(start), int(stop)
             timings = {"decode": 0.0, "synthesis": 0.0, "encode": 0.0}
             rows, failed = [], []
-            for index in range(start, stop):
+            # Visit clips in background order so each worker reads frame chunks sequentially;
+            # content depends only on the clip index, and rows are written in index order.
+            for index in sorted(range(start, stop), key=self._segment_key):
                 try:
                     rows.append(self.make_clip(index, timings))
                 except SourceError as exc:
                     failed.append({"clip_id": index, "uri": exc.uri, "reason": exc.reason})
                 except Exception as exc:  # noqa: BLE001 - one bad clip must not lose the shard
                     failed.append({"clip_id": index, "uri": "", "reason": f"{exc.__class__.__name__}: {exc}"})
+            rows.sort(key=lambda r: r["clip_id"])
             t0 = time.perf_counter()
             name = shard_name(start, stop)
             write_shard(storage.join(self.cfg.out, "clips", name), rows,
