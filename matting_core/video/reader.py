@@ -129,7 +129,7 @@ def probe(uri: str, strict: bool = True) -> VideoInfo:
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise VideoError(uri, f"cannot open as a video ({exc.__class__.__name__}: {exc})") from exc
+        raise VideoError(uri, f"cannot open as a video: {getattr(exc, 'strerror', None) or exc}") from exc
     with container:
         if not container.streams.video:
             raise VideoError(uri, "has no video stream")
