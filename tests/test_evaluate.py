@@ -24,17 +24,10 @@ SIZE, FRAMES = (96, 64), 6
 
 
 def run_cli(argv: list[str]) -> int:
-    """Run `evaluate` through its own parser, as pipelines.cli.main does (UsageError -> 2)."""
-    from pipelines import evaluate as ev
-    from pipelines.cli import UsageError, _Parser
+    """Run one subcommand through the real `matting` entry point; returns the exit status."""
+    from pipelines.cli import main
 
-    parser = _Parser(prog="matting")
-    ev.add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except UsageError:
-        return 2
+    return main(argv)
 
 
 def _photo(seed: int) -> Photo:

@@ -19,17 +19,10 @@ SIZE, FRAMES, CLIPS = (160, 96), 8, 2
 
 
 def run_cli(argv: list[str]) -> int:
-    """Run one subcommand through its own parser, as pipelines.cli.main does (UsageError -> 2)."""
-    from pipelines import make_benchmark
-    from pipelines.cli import UsageError, _Parser
+    """Run one subcommand through the real `matting` entry point; returns the exit status."""
+    from pipelines.cli import main
 
-    parser = _Parser(prog="matting")
-    make_benchmark.add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except UsageError:
-        return 2
+    return main(argv)
 
 
 def _read(path: Path, grey: bool = False) -> np.ndarray:

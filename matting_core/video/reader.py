@@ -103,13 +103,17 @@ def video_stem(uri: str) -> str:
 
 
 def _open(uri: str):
+    """An open PyAV container for a local or remote video; VideoError when it cannot be opened."""
     local = storage.local_path(uri)
-    if local is not None:
-        if not os.path.isfile(local):
-            raise VideoError(uri, "no such file")
-        return av.open(local, "r")
-    fs, path = storage.filesystem(uri)
-    return av.open(fs.open(path, "rb"), "r")
+    if local is not None and not os.path.isfile(local):
+        raise VideoError(uri, "no such file")
+    try:
+        if local is not None:
+            return av.open(local, "r")
+        fs, path = storage.filesystem(uri)
+        return av.open(fs.open(path, "rb"), "r")
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(uri, f"cannot open as a video: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def probe(uri: str, strict: bool = True) -> VideoInfo:
@@ -124,13 +128,7 @@ def probe(uri: str, strict: bool = True) -> VideoInfo:
         first = _to_rgb(decode_image(storage.read_bytes(files[0]), files[0]))
         h, w = first.shape[:2]
         return VideoInfo(uri, w, h, 25.0, len(files), len(files), "frames", tuple(range(len(files))))
-    try:
-        container = _open(uri)
-    except VideoError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise VideoError(uri, f"cannot open as a video: {getattr(exc, 'strerror', None) or exc}") from exc
-    with container:
+    with _open(uri) as container:
         if not container.streams.video:
             raise VideoError(uri, "has no video stream")
         stream = container.streams.video[0]
@@ -177,11 +175,7 @@ def iter_frames(uri: str, start: int = 0, stop: int | None = None,
 
 
 def _iter_video(uri, start, stop, on_error, info):
-    try:
-        container = _open(uri)
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise VideoError(uri, f"cannot open as a video ({exc})") from exc
-    with container:
+    with _open(uri) as container:
         if not container.streams.video:
             raise VideoError(uri, "has no video stream")
         stream = container.streams.video[0]
