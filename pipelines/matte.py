@@ -224,15 +224,21 @@ def _matte(cfg: MatteConfig, info, matter, outputs) -> dict[str, Any]:
     """Decode, matte and write every frame; returns frames written, lost frames and timings."""
     from tqdm import tqdm
 
-    from matting_core.video import iter_frames
+    from matting_core.video import iter_frames, prefetch
 
     errors: list[dict[str, Any]] = []
+
+    decode_errors = [0]
 
     def on_error(index: int, message: str) -> None:
         errors.append({"index": index, "message": message})
         log.warning("frame %d skipped: %s", index, message)
 
-    frames = iter_frames(cfg.video, on_error=on_error)
+    def on_decode_error(index: int, message: str) -> None:
+        decode_errors[0] += 1
+        on_error(index, message)
+
+    frames = prefetch(iter_frames(cfg.video, on_error=on_decode_error), decode_errors)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=info.frames, unit="frame", desc=outputs.stem, disable=not show, dynamic_ncols=True)
     decode_s = encode_s = 0.0
@@ -242,12 +248,11 @@ def _matte(cfg: MatteConfig, info, matter, outputs) -> dict[str, Any]:
     try:
         while True:
             t0 = time.perf_counter()
-            frame = next(frames, None)
+            item = next(frames, None)
             decode_s += time.perf_counter() - t0
-            if frame is None:
+            if item is None:
                 break
-            # Frames reported to on_error were skipped: the source index counts them too.
-            index = written + len(errors)
+            index, frame = item  # the source index counts the frames reported to on_error too
             if frame.shape[:2] != (info.height, info.width):
                 on_error(index, f"frame is {frame.shape[1]}x{frame.shape[0]}, "
                                 f"the video is {info.width}x{info.height}")

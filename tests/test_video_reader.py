@@ -60,3 +60,28 @@ def test_video_stem_rules():
     assert video_stem("/a/b/clip.mp4") == "clip"
     assert video_stem("s3://bucket/set/0003/com") == "0003"
     assert video_stem("/data/frames/") == "frames"
+
+
+def test_prefetch_keeps_order_and_source_indices_past_corrupt_frames(tmp_path):
+    from matting_core.video import prefetch
+
+    path = tmp_path / "bad.avi"
+    write_mjpeg_with_corrupt_frame(path, frames=10, bad=5)
+    skipped = [0]
+
+    def on_error(i, m):
+        skipped[0] += 1
+
+    plain = list(iter_frames(str(path), on_error=lambda i, m: None))
+    got = list(prefetch(iter_frames(str(path), on_error=on_error), skipped))
+    assert [i for i, _ in got] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert all(np.array_equal(a, b) for a, (_, b) in zip(plain, got))
+
+
+def test_prefetch_reraises_decoder_errors_in_the_consumer(tmp_path):
+    from matting_core.video import prefetch
+
+    path = tmp_path / "bad.avi"
+    write_mjpeg_with_corrupt_frame(path, frames=10, bad=5)
+    with pytest.raises(VideoError, match="frame 5"):
+        list(prefetch(iter_frames(str(path)), [0]))  # no on_error: the reader raises

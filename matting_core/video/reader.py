@@ -6,7 +6,9 @@ reliable frame count is the decoded one (a truncated AVI declares 795 frames and
 from __future__ import annotations
 
 import os
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -18,7 +20,7 @@ from matting_core import storage
 from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
-           "frame_files", "decode_image", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+           "frame_files", "decode_image", "prefetch", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -203,3 +205,43 @@ def _iter_video(uri, start, stop, on_error, info):
                 index += 1
                 if stop is not None and index >= stop:
                     return
+
+
+def prefetch(frames: Iterator[np.ndarray], skipped: list[int],
+             depth: int = 3) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode in a background thread, `depth` frames ahead, yielding (source index, frame).
+
+    PyAV decodes without the GIL, so decoding the next frame overlaps the network's serial
+    parts instead of adding to every frame's time. The index is taken in the decoding thread,
+    where the count of undecodable frames skipped so far (`skipped[0]`) is exact.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        yielded = 0
+        try:
+            for frame in frames:
+                if stop.is_set():
+                    return
+                q.put((yielded + skipped[0], frame))
+                yielded += 1
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="matte-decoder", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not q.empty():  # unblock a producer waiting on a full queue
+            q.get_nowait()
