@@ -152,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     except VideoError as exc:
         print(f"matting matte: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from pipelines.ray_runtime import tune_malloc
+
+    tune_malloc()
     try:
         matter, model_config = _build_matter(cfg, device)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

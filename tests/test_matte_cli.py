@@ -194,3 +194,9 @@ def test_corrupt_frame_inside_a_video_file_is_reported_and_the_rest_comes_out(tm
     assert result["status"] == "partial" and result["frames"] == 9
     assert len(list((out / "talk" / "pha").iterdir())) == 9
     assert len(list(read_alpha_video(str(out / "talk" / "rgba.webm")))) == 9
+
+
+def test_tune_malloc_applies_in_process():
+    from pipelines.ray_runtime import tune_malloc
+
+    assert tune_malloc() is True  # glibc (Linux) machines: mallopt accepted both settings
