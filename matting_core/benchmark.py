@@ -27,7 +27,7 @@ import numpy as np
 from matting_core import storage
 from matting_core.sources import (BackgroundReader, Photo, PhotoInfo, Rejection, SourceError,
                                   discover_backgrounds, discover_photos, load_photo,
-                                  validate_background, validate_photo)
+                                  validate_all, validate_background, validate_photo)
 
 __all__ = ["BenchmarkConfig", "Pose", "ClipPlan", "ClipFrames", "smoothstep", "pose_matrix",
            "foreground_track", "background_track", "composite_clip", "plan_clips", "make_clip",
@@ -277,22 +277,11 @@ def make_benchmark(photos: list[str], backgrounds: list[str], out: str, cfg: Ben
     for r in rej + rej2:
         summary.rejected.append(r)
         report(r)
-    infos = []
-    for src in photo_srcs:
-        try:
-            infos.append(validate_photo(src))
-        except SourceError as exc:
-            r = Rejection(exc.uri, exc.reason)
-            summary.rejected.append(r)
-            report(r)
-    bg_infos = []
-    for src in bg_srcs:
-        try:
-            bg_infos.append(validate_background(src))
-        except SourceError as exc:
-            r = Rejection(exc.uri, exc.reason)
-            summary.rejected.append(r)
-            report(r)
+    infos, rej = validate_all(photo_srcs, validate_photo)
+    bg_infos, rej2 = validate_all(bg_srcs, validate_background)
+    for r in rej + rej2:
+        summary.rejected.append(r)
+        report(r)
     infos.sort(key=lambda i: i.image)
     bg_infos.sort(key=lambda i: i.uri)
 

@@ -23,7 +23,7 @@ from matting_core.video import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, 
                                 decode_image, frame_files, iter_frames, probe)
 
 __all__ = ["SourceError", "Rejection", "PhotoSource", "PhotoInfo", "Photo", "BackgroundSource",
-           "discover_photos", "discover_backgrounds", "validate_photo", "validate_background",
+           "discover_photos", "discover_backgrounds", "validate_photo", "validate_background", "validate_all",
            "load_photo", "PhotoCache", "BackgroundReader", "pingpong_indices"]
 
 IMAGE_DIRS = ("image", "images", "img", "fg")
@@ -193,12 +193,6 @@ def _read_alpha(uri: str, data: bytes) -> np.ndarray:
     return img.astype(np.float32) / scale
 
 
-def _why(exc: Exception) -> str:
-    """The reason part of a decoder error, without the file name it may repeat."""
-    text = str(exc)
-    return text.split(": ", 1)[1] if ": " in text and text.split(": ", 1)[0].count("/") else text
-
-
 def _decode_photo(src: PhotoSource, reduce: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Decode image and alpha; `reduce` (2, 4 or 8) decodes a JPEG at that fraction of its size
     (libjpeg scales in the DCT, several times faster) and shrinks the alpha to match."""
@@ -210,7 +204,7 @@ def _decode_photo(src: PhotoSource, reduce: int = 1) -> tuple[np.ndarray, np.nda
     except FileNotFoundError as exc:
         raise SourceError(src.image, "image file not found") from exc
     except (ValueError, OSError) as exc:
-        raise SourceError(src.image, f"corrupt or truncated image: {_why(exc)}") from exc
+        raise SourceError(src.image, f"corrupt or truncated image: {getattr(exc, 'reason', exc)}") from exc
     if raw.ndim == 2:
         raw = cv2.cvtColor(raw, cv2.COLOR_GRAY2BGR)
     if raw.dtype == np.uint16:
@@ -225,7 +219,7 @@ def _decode_photo(src: PhotoSource, reduce: int = 1) -> tuple[np.ndarray, np.nda
         except FileNotFoundError as exc:
             raise SourceError(src.alpha, "missing alpha: file not found") from exc
         except (ValueError, OSError) as exc:
-            raise SourceError(src.alpha, f"corrupt or truncated alpha: {_why(exc)}") from exc
+            raise SourceError(src.alpha, f"corrupt or truncated alpha: {getattr(exc, 'reason', exc)}") from exc
     image = cv2.cvtColor(raw[:, :, :3], cv2.COLOR_BGR2RGB)
     if use_reduced:
         full = (-(-alpha.shape[0] // reduce), -(-alpha.shape[1] // reduce))
@@ -261,6 +255,20 @@ def validate_background(src: BackgroundSource) -> VideoInfo:
         raise SourceError(src.uri, exc.reason) from exc
     except (ValueError, OSError) as exc:
         raise SourceError(src.uri, str(exc)) from exc
+
+
+def validate_all(sources: list, validate) -> tuple[list, list[Rejection]]:
+    """Run `validate` (validate_photo or validate_background) on each source, locally and in order.
+
+    Returns (the valid results, a Rejection per source that failed).
+    """
+    valid, rejected = [], []
+    for src in sources:
+        try:
+            valid.append(validate(src))
+        except SourceError as exc:
+            rejected.append(Rejection(exc.uri, exc.reason))
+    return valid, rejected
 
 
 def load_photo(src: PhotoSource | PhotoInfo, max_height: int | None = None,

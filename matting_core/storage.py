@@ -15,7 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 __all__ = ["filesystem", "join", "exists", "list_files", "read_bytes", "write_bytes_atomic",
-           "open_atomic", "is_remote", "local_path", "storage_options"]
+           "open_atomic", "local_path", "storage_options", "remove"]
 
 
 def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
@@ -30,11 +30,6 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     """(filesystem, path inside it) for a URI or local path."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, endpoint_url))
     return fs, path
-
-
-def is_remote(uri: str) -> bool:
-    """True for URIs that are not on the local filesystem."""
-    return not isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
 def local_path(uri: str) -> str | None:

@@ -106,6 +106,13 @@ def load(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any]
     return cfg
 
 
+def require(cfg: Any, labels: dict[str, str]) -> None:
+    """Raise ConfigError naming every required field of `cfg` that is empty ({flag label: field})."""
+    missing = [label for label, name in labels.items() if not getattr(cfg, name)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (give them as arguments or in --config)")
+
+
 def overrides_from_args(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
     """Collect CLI flags that were given (not None) into dotted config keys via `mapping`."""
     out = {}

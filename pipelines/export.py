@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 
 from pipelines.cli import EXIT_FAILED, EXIT_OK, UsageError
-from pipelines.config import load, overrides_from_args
+from pipelines.config import load, overrides_from_args, require
 
 FORMATS = ("torchscript", "onnx")
 
@@ -69,10 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> ExportConfig:
     cfg = load(ExportConfig, args.config, overrides_from_args(args, _FLAGS))
-    missing = [name for name, value in (("OUT", cfg.out), ("--model", cfg.model), ("--format", cfg.format))
-               if not value]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)} (give them as arguments or in --config)")
+    require(cfg, {"OUT": "out", "--model": "model", "--format": "format"})
     if cfg.format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if not 0.0 < cfg.downsample_ratio <= 1.0:

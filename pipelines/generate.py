@@ -97,11 +97,9 @@ def _validate_row(row: dict) -> dict:
     try:
         if row["kind"] == "photo":
             info = validate_photo(PhotoSource(row["uri"], row["alpha"] or None))
-            payload = dataclasses.asdict(info)
         else:
             info = validate_background(BackgroundSource(row["uri"]))
-            payload = dataclasses.asdict(info)
-        return {**row, "ok": True, "reason": "", "info": json.dumps(payload)}
+        return {**row, "ok": True, "reason": "", "info": json.dumps(dataclasses.asdict(info))}
     except SourceError as exc:
         # the alpha file may be the culprit rather than the image: name the file at fault
         return {**row, "uri": exc.uri, "ok": False, "reason": exc.reason, "info": ""}
@@ -123,25 +121,17 @@ class ShardMaker:
         self.fp = fp
         self.photos = [PhotoInfo(**{**p, "bbox": tuple(p["bbox"])}) for p in photos]
         self.backgrounds = [VideoInfo(**{**b, "pts": tuple(b["pts"])}) for b in backgrounds]
+        self.background_frames = [b.frames for b in self.backgrounds]
         self.photo_cache = PhotoCache(max_items=256, max_height=_photo_max_height(self.cfg))
         self.bg_reader = BackgroundReader(budget_bytes=self.cfg.cache_mb << 20)
 
-    def _plan(self, index: int):
-        from matting_core.plan import plan_clip
-
-        fm = self.cfg.fakemotion
-        return plan_clip(self.cfg.seed, index, len(self.photos), [b.frames for b in self.backgrounds], fm.frames)
-
-    def _segment_key(self, index: int) -> tuple[int, int]:
-        plan = self._plan(index)
-        return plan.background, plan.start
-
-    def make_clip(self, index: int, timings: dict) -> dict:
-        """Synthesise and encode clip `index` (a row of the clip schema)."""
+    def make_clip(self, plan, timings: dict) -> dict:
+        """Synthesise and encode the clip of `plan` (a row of the clip schema)."""
         from matting_core.clips import encode_clip
         from matting_core.fakemotion import clip_rng, synthesize_clip
+
         cfg, fm = self.cfg, self.cfg.fakemotion
-        plan = self._plan(index)
+        index = plan.index
         photo_info, bg_info = self.photos[plan.photo], self.backgrounds[plan.background]
         t0 = time.perf_counter()
         photo = self.photo_cache.get(photo_info)
@@ -158,6 +148,7 @@ class ShardMaker:
 
     def __call__(self, batch: dict) -> dict:
         from matting_core.clips import shard_name, write_shard
+        from matting_core.plan import plan_clip
         from matting_core.sources import SourceError
 
         import resource
@@ -170,13 +161,15 @@ class ShardMaker:
             rows, failed = [], []
             # Visit clips in background order so each worker reads frame chunks sequentially;
             # content depends only on the clip index, and rows are written in index order.
-            for index in sorted(range(start, stop), key=self._segment_key):
+            plans = [plan_clip(self.cfg.seed, i, len(self.photos), self.background_frames, self.cfg.fakemotion.frames)
+                     for i in range(start, stop)]
+            for plan in sorted(plans, key=lambda p: (p.background, p.start)):
                 try:
-                    rows.append(self.make_clip(index, timings))
+                    rows.append(self.make_clip(plan, timings))
                 except SourceError as exc:
-                    failed.append({"clip_id": index, "uri": exc.uri, "reason": exc.reason})
+                    failed.append({"clip_id": plan.index, "uri": exc.uri, "reason": exc.reason})
                 except Exception as exc:  # noqa: BLE001 - one bad clip must not lose the shard
-                    failed.append({"clip_id": index, "uri": "", "reason": f"{exc.__class__.__name__}: {exc}"})
+                    failed.append({"clip_id": plan.index, "uri": "", "reason": f"{exc.__class__.__name__}: {exc}"})
             rows.sort(key=lambda r: r["clip_id"])
             t0 = time.perf_counter()
             name = shard_name(start, stop)
@@ -241,10 +234,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
     from matting_core.sources import discover_backgrounds, discover_photos
     from pipelines.ray_runtime import ensure_ray
 
-    if not cfg.out:
-        raise cfglib.ConfigError("--out is required")
-    if not cfg.photos or not cfg.backgrounds:
-        raise cfglib.ConfigError("--photos and --backgrounds are required")
+    cfglib.require(cfg, {"--photos": "photos", "--backgrounds": "backgrounds", "--out": "out"})
     started = time.time()
     photos, photo_rej = discover_photos(list(cfg.photos))
     backgrounds, bg_rej = discover_backgrounds(list(cfg.backgrounds))

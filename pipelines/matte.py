@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
-from pipelines.config import load, overrides_from_args, to_dict
+from pipelines.config import load, overrides_from_args, require, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> MatteConfig:
     cfg = load(MatteConfig, args.config, overrides_from_args(args, _FLAGS))
-    missing = [name for name, value in (("VIDEO", cfg.video), ("-o/--out", cfg.out), ("--model", cfg.model))
-               if not value]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)} (give them as arguments or in --config)")
+    require(cfg, {"VIDEO": "video", "-o/--out": "out", "--model": "model"})
     from matting_core.outputs import parse_formats
     try:
         formats = parse_formats(cfg.formats)

@@ -35,6 +35,10 @@ class VideoError(InputError):
     """A video (or frame folder) that cannot be read, naming the file and the reason."""
 
 
+class ImageDecodeError(InputError, ValueError):
+    """Bytes that are not a decodable image (a ValueError too, for callers that catch those)."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What probing a video found. `frames` is the decoded count; `pts` one per decoded frame."""
@@ -50,10 +54,10 @@ class VideoInfo:
 
 
 def decode_image(data: bytes, uri: str = "<bytes>", flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Decode image bytes with OpenCV; raises ValueError naming `uri` when they are not an image."""
+    """Decode image bytes with OpenCV; raises ImageDecodeError naming `uri` when they are not an image."""
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if arr is None or arr.size == 0:
-        raise ValueError(f"{uri}: not a decodable image ({len(data)} bytes)")
+        raise ImageDecodeError(uri, f"not a decodable image ({len(data)} bytes)")
     return arr
 
 
