@@ -16,7 +16,8 @@ Frames come from the real sample clip `../shared/data/videos/people/street-two-p
 forward and backward to any length); without it, procedural frames are used. The prior is the
 real selfie model (from the model cache, or `../shared/models`). The process re-executes itself
 with glibc malloc tunables (STACK.md: without them large tensors fault pages back in every call
-and timings swing); `--no-tunables` measures without.
+and timings swing) and OpenMP's short spin count, as `matting matte` runs; `--no-tunables`
+measures without either.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=171
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pipelines.ray_runtime import GOMP_SPINCOUNT  # noqa: E402  (imports no torch)
 
 
 def _ensure_model_cache() -> None:
@@ -109,7 +112,8 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
 
     from matting_core.flow import dis_flow
     from matting_core.matter import Matter, auto_downsample_ratio, prior_stream_from_spec
-    from matting_core.outputs import MatteOutputs
+    from matting_core.model.inference import optimize_for_inference
+    from matting_core.outputs import MatteOutputs, default_encoder_threads
     from matting_core.video import iter_frames, probe
 
     w, h = size
@@ -121,13 +125,14 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     priors = [stream.prior(f) for f in frames[:4]]
     state = None
+    fast = optimize_for_inference(net)  # as Matter runs it
 
     def net_step(i):
         nonlocal state
         src = torch.from_numpy(frames[i]).permute(2, 0, 1)[None].float().div_(255)
         pri = torch.from_numpy(priors[i % 4])[None, None]
         with torch.inference_mode():
-            _, _, state = net(src, pri, state, downsample_ratio=ratio)
+            _, _, state = fast(src, pri, state, downsample_ratio=ratio)
     out["net_ms"] = _timed(net_step, list(range(len(frames))))
     out["prior_ms"] = _timed(stream.prior, frames)
     preset = stream.smoother.preset if stream.smoother else "fast"
@@ -150,7 +155,8 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
     t0 = time.perf_counter()
     decode_s = encode_s = 0.0
     with MatteOutputs(os.path.join(workdir, "out"), f"e2e-{w}x{h}", ("pha", "rgba.webm"), info.fps,
-                      (info.width, info.height), background=True) as outputs:
+                      (info.width, info.height), background=True,
+                      encoder_threads=default_encoder_threads((w, h), True)) as outputs:
         matter.reset()
         from matting_core.video import prefetch
 
@@ -208,7 +214,7 @@ def memory_child(video: str, outdir: str, model: str | None) -> None:
     matter = Matter(net, device="cpu")
     samples = []
     with MatteOutputs(outdir, "mem", ("pha", "rgba.webm"), info.fps, (info.width, info.height),
-                      background=True) as outputs:
+                      background=True, encoder_threads=1) as outputs:
         for i, frame in enumerate(iter_frames(video)):
             res = matter.step(frame)
             outputs.write(i, res.pha, res.fgr)
@@ -248,14 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-lengths", default="100,1000", help="video lengths for the peak-RSS runs")
     p.add_argument("--memory-size", default="256x144", help="frame size of the peak-RSS runs")
     p.add_argument("--quick", action="store_true", help="30/8 frames, memory at 100 and 300 frames")
-    p.add_argument("--no-tunables", action="store_true", help="do not set glibc malloc tunables")
+    p.add_argument("--no-tunables", action="store_true", help="do not set glibc malloc tunables nor GOMP_SPINCOUNT")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--memory-child", nargs=2, metavar=("VIDEO", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if not args.no_tunables and os.environ.get("GLIBC_TUNABLES") != TUNABLES:
-        # The allocator reads its tunables at process start only.
+    if not args.no_tunables and (os.environ.get("GLIBC_TUNABLES") != TUNABLES or "GOMP_SPINCOUNT" not in os.environ):
+        # The allocator reads its tunables at process start only; OpenMP's spin count as
+        # `matting matte` sets it (pipelines.ray_runtime.tune_openmp), before torch loads.
         os.environ["GLIBC_TUNABLES"] = TUNABLES
+        os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
         os.execv(sys.executable, [sys.executable, __file__] + (argv if argv is not None else sys.argv[1:]))
     if args.memory_child:
         memory_child(*args.memory_child, args.model)
@@ -266,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     net = build_net(args.model)
     mem_w, mem_h = (int(v) for v in args.memory_size.split("x"))
     figures: dict = {"tunables": os.environ.get("GLIBC_TUNABLES") == TUNABLES,
+                     "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
                      "threads": len(os.sched_getaffinity(0)), "load_before": os.getloadavg()[0]}
     # Other processes on these 2 cores distort every figure: the load average is printed with them.
     print(f"threads {figures['threads']}, glibc malloc tunables {'on' if figures['tunables'] else 'off'}, "
+          f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'default')}, "
           f"load average {figures['load_before']:.1f}", flush=True)
     print(f"{'size':>10} {'net':>7} {'prior':>7} {'flow':>7} {'smooth':>7} {'Matter':>7} "
           f"{'decode':>7} {'encode':>7} {'e2e':>7} {'io +%':>6}   (ms/frame; fps in brackets)", flush=True)

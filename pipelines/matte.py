@@ -43,6 +43,7 @@ class MatteConfig:
     max_side: int = 512
     fps: float | None = None
     threads: int = 0
+    encoder_threads: int | None = None
     writer_thread: bool = True
     progress: bool | None = None
 
@@ -51,7 +52,8 @@ _FLAGS = {
     "video": "video", "out": "out", "model": "model", "formats": "formats", "prior": "prior",
     "prior_weights": "prior_weights", "smooth_prior": "smooth_prior", "smooth_alpha": "smooth_alpha",
     "device": "device", "amp": "amp", "alpha_bits": "alpha_bits", "composite_bg": "composite_bg",
-    "downsample_ratio": "downsample_ratio", "max_side": "max_side", "fps": "fps", "threads": "threads", "writer_thread": "writer_thread",
+    "downsample_ratio": "downsample_ratio", "max_side": "max_side", "fps": "fps", "threads": "threads",
+    "encoder_threads": "encoder_threads", "writer_thread": "writer_thread",
     "progress": "progress",
 }
 
@@ -105,6 +107,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, default=None, help="longer side of the network input when automatic (512)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the outputs (default: the video's; 25 for frame folders)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (default: all)")
+    p.add_argument("--encoder-threads", type=int, default=None,
+                   help="threads per video encoder (default: 1 for frames up to 640x480 matted on the CPU, "
+                        "else FFmpeg's choice)")
     p.add_argument("--no-writer-thread", dest="writer_thread", action="store_const", const=False, default=None,
                    help="encode outputs in the main thread instead of overlapping them with matting")
     p.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
@@ -136,8 +141,11 @@ def _config(args: argparse.Namespace) -> MatteConfig:
 def run(args: argparse.Namespace) -> int:
     """Matte one video; returns the exit status."""
     cfg = _config(args)
+    from pipelines.ray_runtime import tune_malloc, tune_openmp
+
+    tune_openmp()  # before matting_core.matter imports torch
     from matting_core.matter import resolve_device
-    from matting_core.outputs import MatteOutputs
+    from matting_core.outputs import MatteOutputs, default_encoder_threads
     from matting_core.video import VideoError, probe, video_stem
 
     try:
@@ -149,8 +157,6 @@ def run(args: argparse.Namespace) -> int:
     except VideoError as exc:
         print(f"matting matte: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from pipelines.ray_runtime import tune_malloc
-
     tune_malloc()
     try:
         matter, model_config = _build_matter(cfg, device)
@@ -159,10 +165,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     stem = video_stem(cfg.video)
     fps = cfg.fps or info.fps
+    size = (info.width, info.height)
+    encoder_threads = cfg.encoder_threads
+    if encoder_threads is None:
+        encoder_threads = default_encoder_threads(size, str(device).startswith("cpu"))
     try:
-        outputs = MatteOutputs(cfg.out, stem, cfg.formats, fps, (info.width, info.height),
+        outputs = MatteOutputs(cfg.out, stem, cfg.formats, fps, size,
                                alpha_bits=cfg.alpha_bits, composite_bg=cfg.composite_bg,
-                               background=cfg.writer_thread)
+                               background=cfg.writer_thread, encoder_threads=encoder_threads)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     with outputs:

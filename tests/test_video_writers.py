@@ -165,3 +165,35 @@ def test_outputs_publish_whole_sets_only(tmp_path, background):
             outputs.commit({"status": "ok"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip"]
     assert len(list((tmp_path / "clip" / "pha").iterdir())) == 3
+
+
+def test_every_format_from_one_quantised_alpha(tmp_path):
+    """8-bit PNGs, both alpha videos (one encoder thread) and 16-bit PNGs agree with the float alpha."""
+    from matting_core.outputs import MatteOutputs, default_encoder_threads
+
+    w, h = 96, 64
+    frames = _frames(4, w, h)
+    for bits in (8, 16):
+        with MatteOutputs(str(tmp_path), f"b{bits}", ("pha", "rgba.mov", "rgba.webm"), 25, (w, h),
+                          alpha_bits=bits, background=True, encoder_threads=1) as outputs:
+            for i, (pha, fgr) in enumerate(frames):
+                outputs.write(i, pha, fgr)
+            outputs.commit({"status": "ok"})
+        peak = 255.0 if bits == 8 else 65535.0
+        for i, (pha, _) in enumerate(frames):
+            png = cv2.imread(str(tmp_path / f"b{bits}" / "pha" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+            assert png.dtype == (np.uint8 if bits == 8 else np.uint16)
+            assert np.abs(png / peak - pha).max() <= 0.5 / peak + 1e-6
+        for name in ("rgba.mov", "rgba.webm"):
+            alphas = list(read_alpha_video(str(tmp_path / f"b{bits}" / name)))
+            assert len(alphas) == 4
+            assert np.abs(alphas[2] / 255.0 - frames[2][0]).mean() <= 3 / 255
+    # The uint8 path writes exactly what quantising the float alpha writes.
+    from matting_core.video.writers import quantize_alpha
+    pha = frames[1][0]
+    a = cv2.imread(AlphaPngWriter(str(tmp_path / "q")).write(0, quantize_alpha(pha)), cv2.IMREAD_UNCHANGED)
+    b = cv2.imread(AlphaPngWriter(str(tmp_path / "f")).write(0, pha), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(a, b)
+    assert default_encoder_threads((512, 288), True) == 1
+    assert default_encoder_threads((1920, 1080), True) == 0
+    assert default_encoder_threads((512, 288), False) == 0

@@ -49,15 +49,19 @@ def _fgr_uint8(fgr: np.ndarray) -> np.ndarray:
 def to_rgba(fgr: np.ndarray, pha: np.ndarray) -> np.ndarray:
     """Straight RGBA uint8 [H,W,4] from foreground (uint8 [H,W,3] or float in [0,1]) and alpha [H,W]."""
     a = pha if pha.dtype == np.uint8 else quantize_alpha(pha, 8)
-    return np.ascontiguousarray(np.dstack([_fgr_uint8(fgr), a]))
+    # cv2.merge is about 7x faster than np.dstack here (1.3 -> 0.2 ms at 512x288).
+    return cv2.merge([np.ascontiguousarray(_fgr_uint8(fgr)), np.ascontiguousarray(a)])
 
 
 class _PngSequenceWriter:
     def __init__(self, folder: str, compression: int = 1):
         self.folder = folder
         self.count = 0
-        # Level 1 is a few times faster than the default and only a little larger for mattes.
-        self._params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+        # Level 1 is a few times faster than the default and only a little larger for mattes; the
+        # fixed "up" filter skips libpng's per-row filter search: measured at 512x288, alpha
+        # 2.7 -> 1.6 ms and 7% smaller, foreground 11.8 -> 8.5 ms and 5% larger.
+        self._params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression),
+                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
         os.makedirs(folder, exist_ok=True)
 
     def _write(self, index: int, image: np.ndarray) -> str:
@@ -80,7 +84,9 @@ class AlphaPngWriter(_PngSequenceWriter):
         self.bits = bits
 
     def write(self, index: int, pha: np.ndarray) -> str:
-        """Write alpha float32 [H,W] in [0,1] as frame `index`; returns the file path."""
+        """Write alpha float32 [H,W] in [0,1] (or already quantised uint8 for 8 bits) as frame `index`."""
+        if pha.dtype == np.uint8 and self.bits == 8:
+            return self._write(index, pha)
         return self._write(index, quantize_alpha(pha, self.bits))
 
 
@@ -162,22 +168,26 @@ class AvVideoWriter:
         self.close()
 
 
-def rgba_mov_writer(path: str, fps: float | Fraction, size: tuple[int, int]) -> AvVideoWriter:
-    """ProRes 4444 with alpha (`prores_ks` profile 4, yuva444p10le) in a .mov; `write` takes RGBA."""
+def rgba_mov_writer(path: str, fps: float | Fraction, size: tuple[int, int], threads: int = 0) -> AvVideoWriter:
+    """ProRes 4444 with alpha (`prores_ks` profile 4, yuva444p10le) in a .mov; `write` takes RGBA.
+
+    `threads`: encoder threads (0: FFmpeg's choice, one per core).
+    """
     return AvVideoWriter(path, fps, size, "prores_ks", "yuva444p10le",
-                         {"profile": "4", "vendor": "apl0"}, input_format="rgba")
+                         {"profile": "4", "vendor": "apl0"}, input_format="rgba", threads=threads)
 
 
 def rgba_webm_writer(path: str, fps: float | Fraction, size: tuple[int, int],
-                     crf: int = 24) -> AvVideoWriter:
+                     crf: int = 24, threads: int = 0) -> AvVideoWriter:
     """VP9 with alpha (`libvpx-vp9`, yuva420p) in a .webm, realtime settings; `write` takes RGBA.
 
     Realtime deadline with cpu-used 8 and row-mt encodes 1080p in about 19 ms per frame here;
     constant quality (`crf`, bitrate 0) keeps alpha edges from degrading on large frames.
+    `threads`: encoder threads (0: FFmpeg's choice, one per core).
     """
     return AvVideoWriter(path, fps, size, "libvpx-vp9", "yuva420p",
                          {"deadline": "realtime", "cpu-used": "8", "row-mt": "1",
-                          "crf": str(crf), "b": "0"}, input_format="rgba")
+                          "crf": str(crf), "b": "0"}, input_format="rgba", threads=threads)
 
 
 def parse_color(spec: str) -> tuple[int, int, int] | None:
@@ -254,13 +264,13 @@ class CompositeWriter:
     """H.264 `.mp4` of the foreground over a background: I = a*F + (1-a)*B (8-bit values / 255)."""
 
     def __init__(self, path: str, fps: float | Fraction, size: tuple[int, int], background: str = "green",
-                 crf: int = 18):
+                 crf: int = 18, threads: int = 0):
         self.background = BackgroundStream(background, size)
         w, h = size
         # yuv420p needs even dimensions: odd frames get their last row/column repeated.
         self._pad = (h % 2, w % 2)
         self._video = AvVideoWriter(path, fps, (w + self._pad[1], h + self._pad[0]), "libx264", "yuv420p",
-                                    {"crf": str(crf), "preset": "veryfast"})
+                                    {"crf": str(crf), "preset": "veryfast"}, threads=threads)
         self.path = path
 
     @property
