@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hd-frames", type=int, default=20, help="frames per 1920x1080 measurement")
     p.add_argument("--memory-lengths", default="100,1000", help="video lengths for the peak-RSS runs")
     p.add_argument("--memory-size", default="256x144", help="frame size of the peak-RSS runs")
-    p.add_argument("--quick", action="store_true", help="30/8 frames, memory at 100 and 300 frames")
+    p.add_argument("--quick", action="store_true", help="60/8 frames, memory at 100 and 300 frames")
     p.add_argument("--no-tunables", action="store_true", help="do not set glibc malloc tunables nor GOMP_SPINCOUNT")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--memory-child", nargs=2, metavar=("VIDEO", "OUT"), help=argparse.SUPPRESS)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(*args.memory_child, args.model)
         return 0
     if args.quick:
-        args.frames, args.hd_frames, args.memory_lengths = 30, 8, "100,300"
+        args.frames, args.hd_frames, args.memory_lengths = 60, 8, "100,300"
     _ensure_model_cache()
     net = build_net(args.model)
     mem_w, mem_h = (int(v) for v in args.memory_size.split("x"))

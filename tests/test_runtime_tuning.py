@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +37,47 @@ def test_tune_openmp_sets_spin_count_before_torch_only():
 
 def test_tune_openmp_keeps_a_users_setting():
     assert _probe({"GOMP_SPINCOUNT": "50000"})["env"] == "50000"
+
+
+def test_helper_threads_run_at_lower_priority(tmp_path):
+    """The decoder and writer threads lower their own priority, not the caller's."""
+    import threading
+
+    import numpy as np
+
+    from matting_core.cpu import HELPER_NICENESS, lower_thread_priority
+    from matting_core.outputs import MatteOutputs
+    from matting_core.video import prefetch
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def frames():
+        seen["decoder"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        yield np.zeros((8, 8, 3), np.uint8)
+
+    assert [i for i, _ in prefetch(frames(), [0])] == [0]
+    assert seen["decoder"] == max(main_nice, HELPER_NICENESS)
+
+    outputs = MatteOutputs(str(tmp_path), "clip", ("pha",), 25, (8, 8), background=True)
+    outputs.write(0, np.zeros((8, 8), np.float32), np.zeros((8, 8, 3), np.uint8))
+    writer_tid = outputs._worker.native_id
+    deadline = time.monotonic() + 10  # the thread sets its priority when it starts running
+    while os.getpriority(os.PRIO_PROCESS, writer_tid) != max(main_nice, HELPER_NICENESS):
+        assert time.monotonic() < deadline, "writer thread never lowered its priority"
+        time.sleep(0.01)
+    outputs.commit({"status": "ok"})
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+    # Never raises priority: a thread already nicer than asked stays where it is.
+    box: dict[str, int] = {}
+
+    def nicer():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        lower_thread_priority(5)
+        box["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=nicer)
+    t.start()
+    t.join()
+    assert box["nice"] == 15

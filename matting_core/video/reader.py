@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from matting_core import storage
+from matting_core.cpu import lower_thread_priority
 from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
@@ -224,6 +225,7 @@ def prefetch(frames: Iterator[np.ndarray], skipped: list[int],
     stop = threading.Event()
 
     def work():
+        lower_thread_priority()  # decoding ahead can wait; the network's threads cannot
         yielded = 0
         try:
             for frame in frames:
