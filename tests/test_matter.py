@@ -150,3 +150,28 @@ def test_large_frame_goes_through_the_downsample_path(net):
     assert matter.ratio == pytest.approx(512 / 1920)
     assert res.pha.shape == (1080, 1920) and res.fgr.shape == (1080, 1920, 3)
     assert 0.0 <= res.pha.min() and res.pha.max() <= 1.0
+
+
+def test_prior_runs_at_the_networks_working_size(net):
+    """Below full resolution the prior stream sees the frame at the network's size; the prior barely changes."""
+    if not STREET.is_dir():
+        pytest.skip(f"{STREET} absent")
+    import cv2
+
+    files = sorted(STREET.glob("*.jpg"))[:5]
+    video = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
+    h, w = video[0].shape[:2]
+    fast = Matter(net, _selfie_stream(), device="cpu", downsample_ratio=0.5, smooth_alpha=True)
+    full = Matter(net, _selfie_stream(), device="cpu", downsample_ratio=0.5, prior_at_work_size=False)
+    a, b = list(fast.run(video)), list(full.run(video))
+    assert fast.spec["prior_size"] == [w // 2, h // 2] and full.spec["prior_size"] is None
+    assert fast.prior_stream.smoother._size == (h // 2, w // 2)  # smoothing ran at the small size
+    for x, y in zip(a, b):
+        assert x.prior.shape == x.pha.shape == (h, w)
+        assert np.abs(x.prior - y.prior).mean() < 0.01
+        assert np.abs(x.pha - y.pha).mean() < 0.01
+    # The person is found either way: the prior is high where the full-resolution one is confident.
+    confident = b[-1].prior > 0.9
+    assert confident.any() and a[-1].prior[confident].mean() > 0.85
+    # Full-resolution frames are matted as before when the network runs at full size.
+    assert Matter(net, _selfie_stream(), device="cpu", downsample_ratio=1.0).spec["prior_size"] is None
