@@ -42,19 +42,23 @@ class FastGuidedFilter(nn.Module):
 
     def box(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over a `(2r+1)^2` window, normalised by the number of pixels inside the image."""
-        # A depthwise convolution (oneDNN) and a one-channel count map: avg_pool2d with
-        # count_include_pad=False took 12 ms per 1080p frame at ratio 0.25, this about 2 ms.
-        # Channels go into the batch so that the kernel has a fixed shape (ONNX needs one).
+        # A depthwise convolution (oneDNN's fast path, channels-last) and a one-channel count map.
+        # Measured at 512x288 x 16 channels: 2.8 ms, against 15 ms for avg_pool2d and 36 ms for
+        # channels folded into the batch of a one-channel convolution.
         k = 2 * self.radius + 1
-        weight = torch.ones(1, 1, k, k, dtype=x.dtype, device=x.device)
-        flat = x.reshape(-1, 1, x.shape[2], x.shape[3])
-        total = F.conv2d(flat, weight, padding=self.radius).reshape(x.shape)
-        count = F.conv2d(torch.ones_like(flat[:1]), weight, padding=self.radius)
-        return total / count
+        c = int(x.shape[1])  # a constant in traced graphs (ONNX needs a kernel of known shape)
+        weight = torch.ones(c, 1, k, k, dtype=x.dtype, device=x.device)
+        total = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, padding=self.radius, groups=c)
+        count = F.conv2d(torch.ones_like(x[:, :1]), weight[:1], padding=self.radius)
+        return (total / count).contiguous()
 
     def coefficients(self, lr_x: torch.Tensor, lr_y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution linear model `(A, b)`, each `[N,C,h,w]`, with `lr_y ~ A * lr_x + b` locally."""
         c = lr_x.shape[1]
+        # One layout for both: the network's outputs are channels-last after optimize_for_inference,
+        # and mixing layouts made every element-wise op below strided. With the depthwise box
+        # filter, this fit at 512x288 went from 38 to 11 ms (the whole refiner at 1080p: 64 -> 38 ms).
+        lr_x, lr_y = lr_x.contiguous(), lr_y.contiguous()
         # The four window means in one call.
         means = self.box(torch.cat([lr_x, lr_y, lr_x * lr_y, lr_x * lr_x], dim=1))
         mean_x, mean_y = means[:, :c], means[:, c:2 * c]
@@ -107,3 +111,4 @@ class GuidedRefiner(nn.Module):
         if torch.is_grad_enabled():
             return fgr.clamp(0.0, 1.0), pha.clamp(0.0, 1.0)
         return fgr.clamp_(0.0, 1.0), pha.clamp_(0.0, 1.0)
+
