@@ -111,6 +111,7 @@ def test_matte_frame_folder_1080p(tmp_path, checkpoint, capsys):
     assert result["fps"] == 25.0
     # 1080p goes through the downsample path: the network's input's longer side is 512.
     assert result["matter"]["downsample_ratio"] == pytest.approx(512 / 1920)
+    assert result["matter"]["prior_size"] == [512, 288]  # the prior stream runs at the network's size
 
 
 @pytest.mark.slow
@@ -170,7 +171,8 @@ def test_config_file_and_flags(tmp_path, checkpoint, capsys):
     with av.open(str(CARPHONE)) as c:
         for i, frame in zip(range(4), c.decode(video=0)):
             cv2.imwrite(str(clip / f"{i:04d}.png"), frame.to_ndarray(format="bgr24"))
-    rc = main(["matte", str(clip), "-o", str(tmp_path / "out"), "--config", str(cfg), "--formats", "pha,fgr"])
+    rc = main(["matte", str(clip), "-o", str(tmp_path / "out"), "--config", str(cfg), "--formats", "pha,fgr",
+               "--encoder-threads", "2"])
     assert rc == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "clip" / "result.json").read_text())
     assert result["formats"] == ["pha", "fgr"]
@@ -178,6 +180,8 @@ def test_config_file_and_flags(tmp_path, checkpoint, capsys):
     assert result["matter"]["downsample_ratio"] == 0.5
     assert result["matter"]["alpha_smoother"] is not None
     assert result["config"]["device"] == "cpu"
+    assert result["config"]["encoder_threads"] == 2
+    assert result["matter"]["prior_size"] == [88, 72]  # carphone is 176x144
     assert len(os.listdir(tmp_path / "out" / "clip" / "pha")) == 4
 
 
