@@ -194,6 +194,8 @@ def test_every_format_from_one_quantised_alpha(tmp_path):
     a = cv2.imread(AlphaPngWriter(str(tmp_path / "q")).write(0, quantize_alpha(pha)), cv2.IMREAD_UNCHANGED)
     b = cv2.imread(AlphaPngWriter(str(tmp_path / "f")).write(0, pha), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(a, b)
+    c = cv2.imread(AlphaPngWriter(str(tmp_path / "q16"), bits=16).write(0, quantize_alpha(pha)), cv2.IMREAD_UNCHANGED)
+    assert c.dtype == np.uint16 and np.array_equal(c, a.astype(np.uint16) * 257)  # 255 -> 65535
     assert default_encoder_threads((512, 288), True) == 1
     assert default_encoder_threads((1920, 1080), True) == 0
     assert default_encoder_threads((512, 288), False) == 0

@@ -84,9 +84,9 @@ class AlphaPngWriter(_PngSequenceWriter):
         self.bits = bits
 
     def write(self, index: int, pha: np.ndarray) -> str:
-        """Write alpha float32 [H,W] in [0,1] (or already quantised uint8 for 8 bits) as frame `index`."""
-        if pha.dtype == np.uint8 and self.bits == 8:
-            return self._write(index, pha)
+        """Write alpha float32 [H,W] in [0,1] (or uint8 [H,W] in 0..255) as frame `index`; returns the path."""
+        if pha.dtype == np.uint8:
+            return self._write(index, pha if self.bits == 8 else pha.astype(np.uint16) * 257)
         return self._write(index, quantize_alpha(pha, self.bits))
 
 
