@@ -162,14 +162,12 @@ class MatteOutputs:
             elif name == "pha" and writer.bits != 8:
                 writer.write(index, pha)
             else:
-                if pha8 is None:
-                    pha8 = quantize_alpha(pha, 8)
+                pha8 = quantize_alpha(pha, 8) if pha8 is None else pha8
                 if name == "pha":
                     writer.write(index, pha8)
-                    continue
-                if rgba is None:
-                    rgba = to_rgba(fgr, pha8)
-                writer.write(rgba)
+                else:
+                    rgba = to_rgba(fgr, pha8) if rgba is None else rgba
+                    writer.write(rgba)
 
     def _close_writers(self) -> None:
         writers, self._writers = self._writers, {}
