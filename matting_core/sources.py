@@ -117,6 +117,15 @@ def _manifest_pairs(uri: str) -> list[PhotoSource]:
     return [PhotoSource(resolve(r["image"]), resolve(r["alpha"])) for r in rows]
 
 
+def _list_or_reject(uri: str, rejected: list[Rejection]) -> list[str] | None:
+    """Files under `uri`, or None with the reason added to `rejected` when it does not exist."""
+    try:
+        return storage.list_files(uri)
+    except FileNotFoundError as exc:
+        rejected.append(Rejection(uri, str(exc)))
+        return None
+
+
 def discover_photos(uris: list[str] | str) -> tuple[list[PhotoSource], list[Rejection]]:
     """Pair photos with alphas under each URI; sorted, deduplicated sources and rejections."""
     uris = [uris] if isinstance(uris, str) else list(uris)
@@ -133,10 +142,8 @@ def discover_photos(uris: list[str] | str) -> tuple[list[PhotoSource], list[Reje
             except (OSError, SourceError, ValueError) as exc:
                 rejected.append(Rejection(uri, f"unreadable manifest: {exc}"))
             continue
-        try:
-            files = storage.list_files(uri)
-        except FileNotFoundError as exc:
-            rejected.append(Rejection(uri, str(exc)))
+        files = _list_or_reject(uri, rejected)
+        if files is None:
             continue
         images = [f for f in files if f.lower().endswith(PHOTO_EXTENSIONS)]
         alphas: dict[tuple[str, str], str] = {}
@@ -167,10 +174,8 @@ def discover_backgrounds(uris: list[str] | str) -> tuple[list[BackgroundSource],
         if frame_files(uri):
             found.add(uri.rstrip("/"))
             continue
-        try:
-            files = storage.list_files(uri)
-        except FileNotFoundError as exc:
-            rejected.append(Rejection(uri, str(exc)))
+        files = _list_or_reject(uri, rejected)
+        if files is None:
             continue
         folders: dict[str, int] = {}
         for f in files:

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     with outputs:
         try:
-            summary = _matte(cfg, info, matter, outputs)
+            summary = matte_video(cfg, info, matter, outputs)
         except Exception as exc:  # decoding, matting or encoding: report, publish nothing
             outputs.abort()
             print(f"matting matte: {cfg.video}: failed: {exc}", file=sys.stderr)
@@ -230,8 +230,8 @@ def _build_matter(cfg: MatteConfig, device):
     return matter, config
 
 
-def _matte(cfg: MatteConfig, info, matter, outputs) -> dict[str, Any]:
-    """Decode, matte and write every frame; returns frames written, lost frames and timings."""
+def matte_video(cfg: MatteConfig, info, matter, outputs) -> dict[str, Any]:
+    """Decode `cfg.video`, matte and write every frame (outputs finished, not committed); returns frames written, lost frames and timings."""
     from tqdm import tqdm
 
     from matting_core.video import iter_frames, prefetch
