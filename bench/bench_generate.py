@@ -28,7 +28,7 @@ def sources(tmp: str) -> tuple[list[str], list[str]]:
         return ([str(SHARED / "photos" / "p3m"), str(SHARED / "photos" / "alphamatting")],
                 [str(SHARED / "videos" / "backgrounds")])
     sys.path.insert(0, str(REPO))
-    from matting_core.synthetic import write_sources
+    from matting_core.data.synthetic import write_sources
 
     d = write_sources(os.path.join(tmp, "sources"), photos=16, videos=3, frames=120)
     return [d["photos"]], [d["backgrounds"]]

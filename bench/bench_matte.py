@@ -111,9 +111,9 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
     import torch
 
     from matting_core.flow import dis_flow
-    from matting_core.matter import Matter, auto_downsample_ratio, prior_stream_from_spec
-    from matting_core.model.inference import optimize_for_inference
-    from matting_core.outputs import MatteOutputs, default_encoder_threads
+    from matting_core.inference.matter import Matter, auto_downsample_ratio, prior_stream_from_spec
+    from matting_core.model.optimize import optimize_for_inference
+    from matting_core.inference.outputs import MatteOutputs, default_encoder_threads
     from matting_core.video import probe
     from pipelines.matte import MatteConfig, matte_video
 
@@ -187,8 +187,8 @@ def _rss_mb(field: str = "VmRSS") -> float:
 def memory_child(video: str, outdir: str, model: str | None) -> None:
     """Matte `video` to pha + rgba.webm and print peak and per-stage RSS as JSON (child process)."""
     _ensure_model_cache()
-    from matting_core.matter import Matter
-    from matting_core.outputs import MatteOutputs
+    from matting_core.inference.matter import Matter
+    from matting_core.inference.outputs import MatteOutputs
     from matting_core.video import iter_frames, probe
 
     net = build_net(model)

@@ -11,7 +11,7 @@ import time
 import cv2
 import numpy as np
 
-from matting_core import metrics as M
+from matting_core.evaluation import metrics as M
 
 
 def frames(width: int, height: int, seed: int = 0):

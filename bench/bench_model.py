@@ -61,7 +61,7 @@ def main() -> int:
     import torch
 
     from matting_core.model import matting_net
-    from matting_core.model.inference import optimize_for_inference
+    from matting_core.model.optimize import optimize_for_inference
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def write_preview(clip_dir: str, matte_dir: str, out_png: str, index: int = 0) -
 
 def run_demo(cfg: DemoConfig) -> int:
     """Run every stage; returns the exit status (the worst of the stages')."""
-    from matting_core.synthetic import write_sources
+    from matting_core.data.synthetic import write_sources
     from pipelines.cli import main as cli
     from pipelines.generate import GenerateConfig, run_generate
 

@@ -125,7 +125,7 @@ def prior_baselines(backends: list[str], weights: str, threshold: float, device:
     """StreamMethods for each available prior: soft, thresholded, smoothed, smoothed+thresholded."""
     import numpy as np
 
-    from matting_core.evaluation import StreamMethod
+    from matting_core.evaluation.evaluate import StreamMethod
     from matting_core.flow import TemporalSmoother
     from matting_core.prior import PriorStream, make_prior
 
@@ -157,8 +157,8 @@ def prior_baselines(backends: list[str], weights: str, threshold: float, device:
 
 def model_method(ref: str, device: str):
     """A StreamMethod running the streaming matter of the model `ref` (with its recorded prior)."""
-    from matting_core.evaluation import StreamMethod
-    from matting_core.matter import Matter
+    from matting_core.evaluation.evaluate import StreamMethod
+    from matting_core.inference.matter import Matter
     from pipelines.model_ref import load_model
 
     net = load_model(ref, device="cpu" if device == "auto" else device)
@@ -178,10 +178,10 @@ def model_method(ref: str, device: str):
 def truth_clips(uri: str, max_clips: int = 0) -> list:
     """Truth clips of a benchmark folder, or of a clip dataset (`manifest.json` + `clips/`)."""
     from matting_core import storage
-    from matting_core.evaluation import ArrayClip, scan_benchmark
+    from matting_core.evaluation.evaluate import ArrayClip, scan_benchmark
 
     if storage.exists(storage.join(uri, "manifest.json")) and storage.exists(storage.join(uri, "clips")):
-        from matting_core.clips import iter_clips
+        from matting_core.data.clips import iter_clips
 
         clips = []
         for rec in iter_clips(uri):
@@ -242,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
     backends, explicit = _baseline_priors(cfg)
 
     from matting_core import storage
-    from matting_core.evaluation import FolderMethod, evaluate
-    from matting_core.report import format_table, write_reports
+    from matting_core.evaluation.evaluate import FolderMethod, evaluate
+    from matting_core.evaluation.report import format_table, write_reports
 
     truth_uri = cfg.true or cfg.data
     if not storage.exists(truth_uri):

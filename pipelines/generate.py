@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matting_core import storage
-from matting_core.fakemotion import FakeMotionConfig
+from matting_core.data.fakemotion import FakeMotionConfig
 from pipelines import config as cfglib
 
 log = logging.getLogger("matting.generate")
@@ -90,7 +90,7 @@ def _validate_row(row: dict) -> dict:
     """Validate one source (runs in a Ray task). Returns ok/reason and the probe as JSON."""
     import cv2
 
-    from matting_core.sources import BackgroundSource, PhotoSource, SourceError, validate_background, validate_photo
+    from matting_core.data.sources import BackgroundSource, PhotoSource, SourceError, validate_background, validate_photo
 
     cv2.setNumThreads(1)
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # rejections are reported by us
@@ -113,7 +113,7 @@ class ShardMaker:
     def __init__(self, cfg: dict, photos: list[dict], backgrounds: list[dict], fp: str):
         import cv2
 
-        from matting_core.sources import BackgroundReader, PhotoCache, PhotoInfo
+        from matting_core.data.sources import BackgroundReader, PhotoCache, PhotoInfo
         from matting_core.video import VideoInfo
 
         cv2.setNumThreads(1)  # one Ray CPU per actor: parallelism comes from actors
@@ -127,8 +127,8 @@ class ShardMaker:
 
     def make_clip(self, plan, timings: dict) -> dict:
         """Synthesise and encode the clip of `plan` (a row of the clip schema)."""
-        from matting_core.clips import encode_clip
-        from matting_core.fakemotion import clip_rng, synthesize_clip
+        from matting_core.data.clips import encode_clip
+        from matting_core.data.fakemotion import clip_rng, synthesize_clip
 
         cfg, fm = self.cfg, self.cfg.fakemotion
         index = plan.index
@@ -147,9 +147,9 @@ class ShardMaker:
         return row
 
     def __call__(self, batch: dict) -> dict:
-        from matting_core.clips import shard_name, write_shard
-        from matting_core.plan import plan_clip
-        from matting_core.sources import SourceError
+        from matting_core.data.clips import shard_name, write_shard
+        from matting_core.data.plan import plan_clip
+        from matting_core.data.sources import SourceError
 
         import resource
 
@@ -230,8 +230,8 @@ def _package_versions() -> dict[str, str]:
 
 def run_generate(cfg: GenerateConfig) -> GenerateSummary:
     """Run the whole job; returns the summary (never raises for bad inputs)."""
-    from matting_core.clips import SCHEMA_VERSION, FLOW_SCALE, list_shards, shard_metadata, shard_name
-    from matting_core.sources import discover_backgrounds, discover_photos
+    from matting_core.data.clips import SCHEMA_VERSION, FLOW_SCALE, list_shards, shard_metadata, shard_name
+    from matting_core.data.sources import discover_backgrounds, discover_photos
     from pipelines.ray_runtime import ensure_ray
 
     cfglib.require(cfg, {"--photos": "photos", "--backgrounds": "backgrounds", "--out": "out"})

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.clips < 1 or cfg.frames < 2:
         raise UsageError("--clips must be >= 1 and --frames >= 2")
 
-    from matting_core.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
+    from matting_core.data.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
 
     bcfg = BenchmarkConfig(clips=cfg.clips, frames=cfg.frames, size=(int(cfg.size[0]), int(cfg.size[1])), seed=cfg.seed)
 

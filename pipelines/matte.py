@@ -124,7 +124,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> MatteConfig:
     cfg = load(MatteConfig, args.config, overrides_from_args(args, _FLAGS))
     require(cfg, {"VIDEO": "video", "-o/--out": "out", "--model": "model"})
-    from matting_core.outputs import parse_formats
+    from matting_core.inference.outputs import parse_formats
     try:
         formats = parse_formats(cfg.formats)
     except ValueError as exc:
@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from pipelines.ray_runtime import tune_malloc, tune_openmp
 
-    tune_openmp()  # before matting_core.matter imports torch
-    from matting_core.matter import resolve_device
-    from matting_core.outputs import MatteOutputs, default_encoder_threads
+    tune_openmp()  # before matting_core.inference.matter imports torch
+    from matting_core.inference.matter import resolve_device
+    from matting_core.inference.outputs import MatteOutputs, default_encoder_threads
     from matting_core.video import VideoError, probe, video_stem
 
     try:
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_matter(cfg: MatteConfig, device):
-    from matting_core.matter import Matter, prior_stream_from_spec
+    from matting_core.inference.matter import Matter, prior_stream_from_spec
     from pipelines.model_ref import load_model
 
     net = load_model(cfg.model, device=str(device))

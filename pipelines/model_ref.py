@@ -86,6 +86,6 @@ def load_model(ref: str, device: "str | torch.device" = "cpu") -> "MattingNet":
 
 def resolve_device(name: "str | torch.device" = "auto") -> "torch.device":
     """`auto` -> CUDA when available else CPU; `cpu`; `cuda[:N]` (a clear error without a GPU)."""
-    from matting_core.matter import resolve_device as _resolve
+    from matting_core.inference.matter import resolve_device as _resolve
 
     return _resolve(name)

@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from matting_core import benchmark as B
-from matting_core import metrics as M
-from matting_core.evaluation import ArrayClip, FolderMethod, StreamMethod, evaluate, frame_index, rank, scan_benchmark
-from matting_core.sources import Photo
+from matting_core.data import benchmark as B
+from matting_core.evaluation import metrics as M
+from matting_core.evaluation.evaluate import ArrayClip, FolderMethod, StreamMethod, evaluate, frame_index, rank, scan_benchmark
+from matting_core.data.sources import Photo
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SIZE, FRAMES = (96, 64), 6
@@ -336,8 +336,8 @@ def test_log_to_mlflow_attaches_metrics_and_report_files(bench, tmp_path):
 @pytest.mark.skipif(not (SHARED / "models" / "selfie_segmentation_landscape.tflite").exists(),
                     reason="offline selfie model absent")
 def test_baselines_over_a_clip_dataset(tmp_path, monkeypatch):
-    from matting_core.clips import encode_clip, shard_name, write_shard
-    from matting_core.fakemotion import FakeMotionConfig, clip_rng, synthesize_clip
+    from matting_core.data.clips import encode_clip, shard_name, write_shard
+    from matting_core.data.fakemotion import FakeMotionConfig, clip_rng, synthesize_clip
 
     monkeypatch.setenv("MATTING_MODEL_CACHE", str(SHARED / "models"))
     data = tmp_path / "dataset"

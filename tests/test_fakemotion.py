@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from matting_core.clips import decode_row, encode_clip
-from matting_core.fakemotion import FakeMotionConfig, MotionConfig, clip_rng, synthesize_clip
-from matting_core.sources import (BackgroundReader, PhotoCache, discover_backgrounds, discover_photos,
+from matting_core.data.clips import decode_row, encode_clip
+from matting_core.data.fakemotion import FakeMotionConfig, MotionConfig, clip_rng, synthesize_clip
+from matting_core.data.sources import (BackgroundReader, PhotoCache, discover_backgrounds, discover_photos,
                                   pingpong_indices, validate_background)
 from tests.conftest import shared_path
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from matting_core import storage
-from matting_core.clips import iter_clips, list_shards
+from matting_core.data.clips import iter_clips, list_shards
 from pipelines import config as cfglib
 from pipelines.generate import GenerateConfig, GenerateRefused, run_generate
 from tests.conftest import shared_path

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from matting_core import benchmark as B
+from matting_core.data import benchmark as B
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
@@ -102,7 +102,7 @@ def test_foreground_motion_is_eased_affine_and_background_moves_independently(be
 
 
 def test_same_seed_gives_the_same_clip(bench, tmp_path):
-    from matting_core.sources import (BackgroundReader, discover_backgrounds, discover_photos, load_photo,
+    from matting_core.data.sources import (BackgroundReader, discover_backgrounds, discover_photos, load_photo,
                                       validate_background, validate_photo)
 
     photos, _ = discover_photos([str(PHOTOS[0])])
@@ -158,8 +158,8 @@ def _affine_fit_residual(flow: np.ndarray, mask: np.ndarray) -> float:
 
 
 def test_benchmark_motion_is_affine_unlike_the_fake_motion_generator():
-    from matting_core.fakemotion import FakeMotionConfig, clip_rng, synthesize_clip
-    from matting_core.sources import Photo
+    from matting_core.data.fakemotion import FakeMotionConfig, clip_rng, synthesize_clip
+    from matting_core.data.sources import Photo
 
     rng = np.random.default_rng(0)
     h, w = 60, 40

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from matting_core.flow import TemporalSmoother
-from matting_core.matter import Matter, auto_downsample_ratio, prior_stream_from_spec, resolve_device
+from matting_core.inference.matter import Matter, auto_downsample_ratio, prior_stream_from_spec, resolve_device
 from matting_core.model import matting_net
 from matting_core.prior import ConstantPrior, PriorStream, SelfiePrior, make_prior
 from matting_core.video import iter_frames

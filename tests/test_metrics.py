@@ -1,4 +1,4 @@
-"""matting_core.metrics against golden values, hand-computed tiny arrays and invariants."""
+"""matting_core.evaluation.metrics against golden values, hand-computed tiny arrays and invariants."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from matting_core import metrics as M
+from matting_core.evaluation import metrics as M
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "metrics.json"
 REL = 1e-6

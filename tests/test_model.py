@@ -277,7 +277,7 @@ def test_backbone_weights_path_errors(tmp_path):
 
 @torch.no_grad()
 def test_optimized_for_inference_equals_the_net_and_streams_like_a_clip(net):
-    from matting_core.model.inference import optimize_for_inference
+    from matting_core.model.optimize import optimize_for_inference
 
     fast = optimize_for_inference(net)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # folded

@@ -45,8 +45,8 @@ def test_helper_threads_run_at_lower_priority(tmp_path):
 
     import numpy as np
 
-    from matting_core.cpu import HELPER_NICENESS, lower_thread_priority
-    from matting_core.outputs import MatteOutputs
+    from matting_core.runtime import HELPER_NICENESS, lower_thread_priority
+    from matting_core.inference.outputs import MatteOutputs
     from matting_core.video import prefetch
 
     main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

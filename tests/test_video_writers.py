@@ -143,7 +143,7 @@ def test_frame_rate_is_kept_exactly(tmp_path, fps, expect):
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "writer-thread"])
 def test_outputs_publish_whole_sets_only(tmp_path, background):
-    from matting_core.outputs import MatteOutputs
+    from matting_core.inference.outputs import MatteOutputs
 
     w, h = 64, 48
     frames = _frames(3, w, h)
@@ -169,7 +169,7 @@ def test_outputs_publish_whole_sets_only(tmp_path, background):
 
 def test_every_format_from_one_quantised_alpha(tmp_path):
     """8-bit PNGs, both alpha videos (one encoder thread) and 16-bit PNGs agree with the float alpha."""
-    from matting_core.outputs import MatteOutputs, default_encoder_threads
+    from matting_core.inference.outputs import MatteOutputs, default_encoder_threads
 
     w, h = 96, 64
     frames = _frames(4, w, h)

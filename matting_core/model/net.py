@@ -51,7 +51,7 @@ class MattingNet(nn.Module):
       convolve after the (linear) merge instead of over a 72- or 44-channel concatenation (the
       stride-4 level keeps a second separable convolution, as in version 1).
     Together they cut streaming at 512x288 by about 14 ms/frame on 2 CPU threads.
-    `optimize_for_inference` (matting_core.model.inference) folds batch norms and switches to
+    `optimize_for_inference` (matting_core.model.optimize) folds batch norms and switches to
     channels-last for inference.
 
     Args:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from matting_core import storage
-from matting_core.cpu import lower_thread_priority
+from matting_core.runtime import lower_thread_priority
 from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",

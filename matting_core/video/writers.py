@@ -1,7 +1,7 @@
 """Writing mattes: alpha/foreground PNG sequences, ProRes 4444 and VP9 videos with alpha, composites.
 
 Every writer takes frames one at a time (constant memory) and writes to a local path; publishing
-a finished set atomically is the caller's job (`matting_core.outputs`). Colours are straight
+a finished set atomically is the caller's job (`matting_core.inference.outputs`). Colours are straight
 (not premultiplied) RGB; alpha is stored at full range in every format, so the alpha decoded back
 from `rgba.mov` / `rgba.webm` matches the PNG alpha to within a fraction of a level.
 """

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from matting_core import storage
-from matting_core.fakemotion import Clip
+from matting_core.data.fakemotion import Clip
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "ClipRecord", "encode_clip", "decode_row",
            "iter_clips", "list_shards", "shard_name", "write_shard"]

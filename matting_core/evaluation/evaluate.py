@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import cv2
 import numpy as np
 
-from matting_core import metrics as M
+from matting_core.evaluation import metrics as M
 from matting_core import storage
 from matting_core.video.reader import IMAGE_EXTENSIONS, decode_image
 

@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 
 from matting_core import storage
-from matting_core.evaluation import EvaluationResult
-from matting_core.metrics import METRIC_NOTES
+from matting_core.evaluation.evaluate import EvaluationResult
+from matting_core.evaluation.metrics import METRIC_NOTES
 
 __all__ = ["format_table", "to_csv", "to_html", "write_reports", "report_paths", "RANK_MARKS"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from matting_core.sources import Photo
+from matting_core.data.sources import Photo
 
 __all__ = ["MotionConfig", "AugmentConfig", "FakeMotionConfig", "Clip", "synthesize_clip", "clip_rng"]
 

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from matting_core import storage
-from matting_core.sources import (BackgroundReader, Photo, PhotoInfo, Rejection, SourceError,
+from matting_core.data.sources import (BackgroundReader, Photo, PhotoInfo, Rejection, SourceError,
                                   discover_backgrounds, discover_photos, load_photo,
                                   validate_all, validate_background, validate_photo)
 

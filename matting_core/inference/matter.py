@@ -20,7 +20,7 @@ import torch
 from matting_core.flow import TemporalSmoother
 from matting_core.prior import Prior, PriorStream, make_prior
 from matting_core.model import MattingNet
-from matting_core.model.inference import optimize_for_inference
+from matting_core.model.optimize import optimize_for_inference
 
 __all__ = ["MatteFrame", "Matter", "StageTimer", "resolve_device", "auto_downsample_ratio",
            "prior_stream_from_spec"]

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from matting_core import storage
-from matting_core.cpu import lower_thread_priority
+from matting_core.runtime import lower_thread_priority
 from matting_core.video.writers import (AlphaPngWriter, CompositeWriter, ForegroundPngWriter,
                                         quantize_alpha, rgba_mov_writer, rgba_webm_writer, to_rgba)
 
@@ -131,7 +131,7 @@ class MatteOutputs:
         self.frames += 1
 
     def _drain(self) -> None:
-        lower_thread_priority()  # encoding can wait; the network's threads cannot (matting_core.cpu)
+        lower_thread_priority()  # encoding can wait; the network's threads cannot (matting_core.runtime)
         while True:
             item = self._queue.get()
             if item is None:
