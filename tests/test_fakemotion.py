@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -121,6 +123,12 @@ def test_no_shift_when_probability_zero(real_sources):
     bg = BackgroundReader().read(infos[0], 0, cfg.frames, (148, 84))
     cache = PhotoCache(max_height=72)
     assert not any(synthesize_clip(cache.get(photos[0]), bg, cfg, clip_rng(0, i)).shifted for i in range(30))
+
+
+def test_reading_clips_does_not_import_the_synthesizer():
+    code = "import sys, matting_core.data.clips; print('matting_core.data.fakemotion' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_pingpong_plays_short_backgrounds_forward_then_backward():

@@ -19,9 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from matting_core import storage
-from matting_core.data.fakemotion import Clip
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "ClipRecord", "encode_clip", "decode_row",
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "Clip", "ClipRecord", "encode_clip", "decode_row",
            "iter_clips", "list_shards", "shard_name", "write_shard"]
 
 SCHEMA_VERSION = 1
@@ -35,6 +34,23 @@ SCHEMA = pa.schema([
     ("alpha", pa.list_(pa.binary())), ("flow", pa.binary()), ("flow_scale", pa.float32()),
     ("height", pa.int32()), ("width", pa.int32()), ("num_frames", pa.int32()), ("info", pa.string()),
 ])
+
+
+@dataclass
+class Clip:
+    """One synthesised clip. Arrays are uint8 except flow.
+
+    frames, fgr, bgr: [T,H,W,3] RGB; alpha: [T,H,W] (8-bit, value/255 is alpha);
+    flow: float32 [T,H,W,2] backward foreground flow (zero where alpha == 0; flow[0] == 0).
+    """
+
+    frames: np.ndarray
+    fgr: np.ndarray
+    bgr: np.ndarray
+    alpha: np.ndarray
+    flow: np.ndarray
+    shifted: bool
+    info: dict
 
 
 @dataclass

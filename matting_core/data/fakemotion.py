@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from matting_core.data.clips import Clip
 from matting_core.data.sources import Photo
 
-__all__ = ["MotionConfig", "AugmentConfig", "FakeMotionConfig", "Clip", "synthesize_clip", "clip_rng"]
+__all__ = ["MotionConfig", "AugmentConfig", "FakeMotionConfig", "synthesize_clip", "clip_rng"]
 
 
 @dataclass(frozen=True)
@@ -85,23 +86,6 @@ class FakeMotionConfig:
     background_zoom: float = 1.15
     motion: MotionConfig = field(default_factory=MotionConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class Clip:
-    """One synthesised clip. Arrays are uint8 except flow.
-
-    frames, fgr, bgr: [T,H,W,3] RGB; alpha: [T,H,W] (8-bit, value/255 is alpha);
-    flow: float32 [T,H,W,2] backward foreground flow (zero where alpha == 0; flow[0] == 0).
-    """
-
-    frames: np.ndarray
-    fgr: np.ndarray
-    bgr: np.ndarray
-    alpha: np.ndarray
-    flow: np.ndarray
-    shifted: bool
-    info: dict
 
 
 def clip_rng(seed: int, index: int) -> np.random.Generator:
