@@ -17,6 +17,8 @@ EPILOG = """\
 examples:
   matting make-benchmark --photos ../shared/data/photos/p3m --photos ../shared/data/photos/alphamatting \\
       --backgrounds ../shared/data/videos/backgrounds --out bench/ --clips 8 --frames 30 --size 512x288
+  matting make-benchmark --photos ../shared/data/photos/p3m --backgrounds ../shared/data/videos/backgrounds \
+      --out bench-moving/ --still-share 0    # the subject never pauses
   matting make-benchmark --photos s3://bucket/photos --backgrounds s3://bucket/bg --out s3://bucket/bench --seed 7
   # then: matting matte bench/0000/com -o mattes/ --model REF; matting evaluate --true bench/ --pred mattes/
 
@@ -36,11 +38,13 @@ class MakeBenchmarkConfig:
     frames: int = 30
     size: tuple[int, ...] = (512, 288)
     seed: int = 0
+    still_share: float = 0.3
     overwrite: bool = False
 
 
 FLAGS = {"photos": "photos", "backgrounds": "backgrounds", "out": "out", "clips": "clips",
-         "frames": "frames", "size": "size", "seed": "seed", "overwrite": "overwrite"}
+         "frames": "frames", "size": "size", "seed": "seed", "still_share": "still_share",
+         "overwrite": "overwrite"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,6 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, metavar="T", help="frames per clip (default 30)")
     p.add_argument("--size", metavar="WxH", help="frame size (default 512x288)")
     p.add_argument("--seed", type=int, metavar="S", help="seed; the same sources and seed give the same clips (default 0)")
+    p.add_argument("--still-share", type=float, metavar="F",
+                   help="share of each clip during which the subject holds still, in [0, 1) (default 0.3; 0: always moving)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace a benchmark made with another configuration")
     p.set_defaults(run=run)
@@ -76,10 +82,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--size must be WxH with both at least 16, got {cfg.size}")
     if cfg.clips < 1 or cfg.frames < 2:
         raise UsageError("--clips must be >= 1 and --frames >= 2")
+    if not 0.0 <= cfg.still_share < 1.0:
+        raise UsageError(f"--still-share must be in [0, 1), got {cfg.still_share}")
 
     from matting_core.data.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
 
-    bcfg = BenchmarkConfig(clips=cfg.clips, frames=cfg.frames, size=(int(cfg.size[0]), int(cfg.size[1])), seed=cfg.seed)
+    bcfg = BenchmarkConfig(clips=cfg.clips, frames=cfg.frames, size=(int(cfg.size[0]), int(cfg.size[1])),
+                           seed=cfg.seed, still_share=cfg.still_share)
 
     def on_problem(r):
         print(f"matting make-benchmark: {r.uri}: {r.reason}", file=sys.stderr)

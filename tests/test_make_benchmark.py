@@ -89,16 +89,61 @@ def test_foreground_motion_is_eased_affine_and_background_moves_independently(be
             unwarped = np.abs(pha[t - 1] - pha[t]).mean()
             assert residual < 0.01
             assert residual < unwarped or unwarped < 1e-3
-        # Eased: the subject's centre moves less in the first and last steps than in the middle.
+        # Eased: the subject's centre moves less in the first and last moving steps than at its fastest.
         centre = np.array([m @ [0, 0, 1] for m in fg])
         speed = np.linalg.norm(np.diff(centre, axis=0), axis=1)
-        mid = speed[len(speed) // 2]
-        if mid > 0.5:
-            assert speed[0] < 0.5 * mid and speed[-1] < 0.5 * mid
-        # The background follows its own, constant-speed camera, not the foreground's trajectory.
-        bg_shift = np.diff(bg[:, :, 2], axis=0)
-        assert not np.allclose(np.diff(fg[:, :, 2], axis=0), bg_shift)
-        assert np.allclose(bg_shift, bg_shift[0], atol=1e-3) or not np.allclose(bg[0], bg[-1])
+        moving = np.flatnonzero(speed > 1e-9)
+        if speed.max() > 0.5:
+            assert speed[moving[0]] < 0.5 * speed.max() and speed[moving[-1]] < 0.5 * speed.max()
+        # The background follows its own camera, not the foreground's trajectory ...
+        assert not np.allclose(np.diff(fg[:, :, 2], axis=0), np.diff(bg[:, :, 2], axis=0))
+        # ... at constant speed: the crop window (frame -> background: scale k, top-left corner) moves linearly.
+        window = np.array([np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2] for m in bg])
+        k, top_left = window[:, 0, 0], window[:, :, 2]
+        assert not np.allclose(window[0], window[-1])  # the background really moves
+        np.testing.assert_allclose(np.diff(k, 2), 0, atol=1e-4)
+        np.testing.assert_allclose(np.diff(top_left, 2, axis=0), 0, atol=1e-3)
+
+
+def _pha(bench: Path, name: str, frames: int) -> np.ndarray:
+    return np.stack([_read(bench / name / "pha" / f"{t:04d}.png", grey=True) for t in range(frames)])
+
+
+def _still_steps(pha: np.ndarray) -> np.ndarray:
+    """Which frame steps leave the subject's alpha unchanged (bool [T-1])."""
+    return np.array([np.array_equal(a, b) for a, b in zip(pha[:-1], pha[1:])])
+
+
+def test_subject_holds_still_for_the_still_share(bench):
+    manifest = json.loads((bench / "benchmark.json").read_text())
+    assert manifest["config"]["still_share"] == 0.3  # on by default
+    expected = B.still_steps(FRAMES, 0.3)
+    assert expected == 2
+    for clip in manifest["clips"]:
+        still = _still_steps(_pha(bench, clip["name"], FRAMES))
+        fg = np.asarray(clip["fg_affine"])
+        assert still.sum() == expected  # alpha identical across every held step, and only there
+        # the pauses sit before and after one continuous move
+        before = int(np.argmin(still)) if not still.all() else len(still)
+        assert still[:before].all() and not still[before:len(still) - (expected - before)].any()
+        assert np.allclose(fg[:before + 1], fg[0]) and np.allclose(fg[len(fg) - 1 - (expected - before):], fg[-1])
+
+
+def test_still_share_zero_keeps_the_subject_moving(tmp_path):
+    if not all(p.exists() for p in PHOTOS + [BACKGROUNDS]):
+        pytest.skip(f"sample data absent: {DATA}")
+    out = tmp_path / "moving"
+    argv = ["make-benchmark", "--photos", str(PHOTOS[1]), "--backgrounds", str(BACKGROUNDS), "--out", str(out),
+            "--clips", "1", "--frames", "6", "--size", "96x64", "--seed", "5"]
+    assert run_cli(argv + ["--still-share", "1.0"]) == 2
+    assert run_cli(argv + ["--still-share", "0"]) == 0
+    manifest = json.loads((out / "benchmark.json").read_text())
+    assert manifest["config"]["still_share"] == 0.0
+    assert not _still_steps(_pha(out, "0000", 6)).any()
+    # 0 is the old trajectory: eased over the whole clip, no hold
+    fg = np.asarray(manifest["clips"][0]["fg_affine"])
+    scale = np.hypot(fg[:, 0, 0], fg[:, 1, 0])
+    np.testing.assert_allclose(scale, scale[0] + (scale[-1] - scale[0]) * B.smoothstep(np.arange(6) / 5), atol=1e-5)
 
 
 def test_same_seed_gives_the_same_clip(bench, tmp_path):

@@ -1,8 +1,10 @@
 """Composited evaluation clips with exact alpha (the VideoMatte240K protocol), for `make-benchmark`.
 
 A photo with alpha moves over a background video along an eased (smoothstep) affine trajectory
-between two random poses (translation, scale, small rotation); the background moves on its own,
-a slow linear pan and zoom of a crop window over the playing video. This is deliberately not the
+between two random poses (translation, scale, small rotation), and holds still for a share of the
+clip (`still_share`, split at random between a pause before and a pause after the move: people
+stop moving, and that is where flicker shows); the background moves on its own, a slow linear
+pan and zoom of a crop window over the playing video. This is deliberately not the
 fake-motion generator, so a model trained on fake-motion data is measured on motion it never saw.
 
 Layout: `DIR/<clip>/{com,pha,fgr,bgr}/0000.png` (com, fgr, bgr RGB; pha 8-bit grey) and
@@ -30,7 +32,7 @@ from matting_core.data.sources import (BackgroundReader, Photo, PhotoInfo, Rejec
                                   validate_all, validate_background, validate_photo)
 
 __all__ = ["BenchmarkConfig", "Pose", "ClipPlan", "ClipFrames", "smoothstep", "pose_matrix",
-           "foreground_track", "background_track", "composite_clip", "plan_clips", "make_clip",
+           "foreground_track", "still_steps", "background_track", "composite_clip", "plan_clips", "make_clip",
            "write_clip", "make_benchmark", "BenchmarkSummary", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -50,6 +52,7 @@ class BenchmarkConfig:
     max_rotation_deg: float = 4.0
     bg_zoom: float = 1.25                               # background read this much larger than the frame
     bg_pan: float = 0.08                                # max pan of the crop window / frame size
+    still_share: float = 0.3                            # share of frame steps the subject holds still (0: none)
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,22 @@ def _random_pose_pair(rng: np.random.Generator, photo: Photo, cfg: BenchmarkConf
     return Pose(s0, float(a0), cx0, cy(s0, a0)), Pose(s1, float(a1), cx1, cy(s1, a1))
 
 
-def foreground_track(p0: Pose, p1: Pose, frames: int, photo_hw: tuple[int, int]) -> np.ndarray:
-    """Per-frame photo->frame matrices `[T,2,3]`: pose parameters interpolated with smoothstep easing."""
+def still_steps(frames: int, share: float) -> int:
+    """Frame steps (of frames - 1) during which the subject holds still; at least one step still moves."""
+    return max(0, min(round(share * (frames - 1)), frames - 2))
+
+
+def foreground_track(p0: Pose, p1: Pose, frames: int, photo_hw: tuple[int, int],
+                     hold: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Per-frame photo->frame matrices `[T,2,3]`: pose parameters interpolated with smoothstep easing.
+
+    `hold` = (steps held at p0 before the move, steps held at p1 after it); the move takes the rest.
+    """
+    before, after = hold
+    moving = max(frames - 1 - before - after, 1)
     out = []
     for t in range(frames):
-        e = float(smoothstep(t / max(frames - 1, 1)))
+        e = float(smoothstep((t - before) / moving))
         lerp = lambda a, b: a + (b - a) * e
         pose = Pose(lerp(p0.scale, p1.scale), lerp(p0.angle, p1.angle), lerp(p0.cx, p1.cx), lerp(p0.cy, p1.cy))
         out.append(pose_matrix(pose, photo_hw))
@@ -139,6 +153,10 @@ def background_track(rng: np.random.Generator, frames: int, bg_hw: tuple[int, in
     k_max = min(bw / W, bh / H)  # window scale at which the window is the whole (enlarged) background
     k0, k1 = rng.uniform(1.0, k_max, size=2)
     pan = cfg.bg_pan * np.array([W, H]) * rng.uniform(-1, 1, size=2)
+    # The window must stay inside the background at both ends (hence throughout) without clipping,
+    # which would stop the camera mid-clip: the pan is capped by the smaller end's spare room.
+    room_at = lambda k: np.array([bw, bh]) - np.array([W, H]) * k
+    pan = np.clip(pan, -np.minimum(room_at(k0), room_at(k1)), np.minimum(room_at(k0), room_at(k1)))
     out = []
     for t in range(frames):
         u = t / max(frames - 1, 1)
@@ -146,7 +164,7 @@ def background_track(rng: np.random.Generator, frames: int, bg_hw: tuple[int, in
         win = np.array([W * k, H * k])
         room = np.array([bw, bh]) - win
         centre = np.array([bw, bh]) / 2.0 + pan * (u - 0.5)
-        top_left = np.clip(centre - win / 2.0, 0.0, room)
+        top_left = np.clip(centre - win / 2.0, 0.0, room)  # only float rounding left to clip
         # frame = (bg - top_left) / k
         out.append(np.array([[1 / k, 0, -top_left[0] / k], [0, 1 / k, -top_left[1] / k]]))
     return np.stack(out)
@@ -189,6 +207,13 @@ def plan_clips(photos: list[PhotoInfo], backgrounds: list, cfg: BenchmarkConfig)
     return plans
 
 
+def _hold(cfg: BenchmarkConfig, index: int) -> tuple[int, int]:
+    # Its own stream, so that still_share = 0 leaves every other draw (and the old clips) unchanged.
+    still = still_steps(cfg.frames, cfg.still_share)
+    before = int(np.random.default_rng([cfg.seed, index, 3]).integers(still + 1))
+    return before, still - before
+
+
 def make_clip(plan: ClipPlan, cfg: BenchmarkConfig, reader: BackgroundReader,
               photo_loader: Callable[[PhotoInfo], Photo] | None = None) -> ClipFrames:
     """Composite one planned clip (raises SourceError when its photo or background fails)."""
@@ -196,7 +221,7 @@ def make_clip(plan: ClipPlan, cfg: BenchmarkConfig, reader: BackgroundReader,
     rng = np.random.default_rng([cfg.seed, plan.index, 2])
     photo = (photo_loader or (lambda info: load_photo(info, max_height=int(H * 1.1))))(plan.photo)
     p0, p1 = _random_pose_pair(rng, photo, cfg)
-    fg = foreground_track(p0, p1, cfg.frames, photo.alpha.shape)
+    fg = foreground_track(p0, p1, cfg.frames, photo.alpha.shape, _hold(cfg, plan.index))
     cover = (math.ceil(W * cfg.bg_zoom), math.ceil(H * cfg.bg_zoom))
     bgs = reader.read(plan.background, plan.start, cfg.frames, cover)
     bg = background_track(rng, cfg.frames, bgs.shape[1:3], cfg)
@@ -317,7 +342,8 @@ def make_benchmark(photos: list[str], backgrounds: list[str], out: str, cfg: Ben
 
     manifest = {"schema_version": SCHEMA_VERSION, "kind": "matting-benchmark", "config": config,
                 "layout": "<clip>/{com,pha,fgr,bgr}/0000.png; com = pha*fgr + (1-pha)*bgr on 8-bit values",
-                "motion": "foreground: smoothstep-eased affine between two random poses (fg_affine maps photo "
+                "motion": "foreground: smoothstep-eased affine between two random poses, held still for "
+                          "still_share of the frame steps before and after the move (fg_affine maps photo "
                           "pixels to frame pixels); background: linear pan/zoom of a crop window (bg_affine maps "
                           "the enlarged background frame to frame pixels)",
                 "photos": len(infos), "backgrounds": len(bg_infos),
