@@ -99,6 +99,36 @@ def test_local_run_writes_a_readable_dataset_and_lists_every_bad_input(two_worke
     assert "clips/s" in summary.message and "rejected" in summary.message
 
 
+def test_reading_some_columns_reads_only_those(two_worker_run, monkeypatch):
+    import pyarrow.parquet as pq
+
+    out, _ = two_worker_run
+    full = read_all(out)
+    read = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, columns=None, **kw):
+        read.append(set(columns))
+        return iter_batches(self, *args, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    part = {c.clip_id: c for c in iter_clips(out, columns=["frames", "alpha", "flow"])}
+    assert sorted(part) == sorted(full)
+    for k, c in part.items():
+        assert c.bgr is None and c.fgr is None
+        for name in ("frames", "alpha", "flow"):
+            assert np.array_equal(getattr(c, name), getattr(full[k], name)), (k, name)
+        assert (c.photo, c.background, c.shifted, c.seed) == (full[k].photo, full[k].background, full[k].shifted,
+                                                              full[k].seed)
+    assert read and all(not ({"bgr", "fgr"} & cols) and {"frames", "alpha", "flow", "clip_id"} <= cols
+                        for cols in read)
+    only_flow = next(iter_clips(out, columns=["flow"]))
+    assert only_flow.frames is None and only_flow.alpha is None
+    assert np.array_equal(only_flow.flow, full[only_flow.clip_id].flow)
+    with pytest.raises(ValueError, match="'matte'"):
+        iter_clips(out, columns=["alpha", "matte"])
+
+
 def test_same_content_per_clip_for_one_and_two_workers(two_worker_run, sources, tmp_path):
     out2, _ = two_worker_run
     out1 = str(tmp_path / "ds1")

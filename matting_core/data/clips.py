@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from matting_core import storage
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "Clip", "ClipRecord", "encode_clip", "decode_row",
-           "iter_clips", "list_shards", "shard_name", "write_shard"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "ARRAY_COLUMNS", "Clip", "ClipRecord", "encode_clip",
+           "decode_row", "iter_clips", "list_shards", "shard_name", "write_shard"]
 
 SCHEMA_VERSION = 1
 # int16 fixed point: 1/32 px steps, +-1024 px per frame covers any motion the generator makes.
@@ -34,6 +34,10 @@ SCHEMA = pa.schema([
     ("alpha", pa.list_(pa.binary())), ("flow", pa.binary()), ("flow_scale", pa.float32()),
     ("height", pa.int32()), ("width", pa.int32()), ("num_frames", pa.int32()), ("info", pa.string()),
 ])
+# The per-frame columns, the bulk of a row; every other column is small and always read (identity,
+# shape, flow scale), so a record can be built from any subset of these.
+ARRAY_COLUMNS = ("frames", "fgr", "bgr", "alpha", "flow")
+_SMALL_COLUMNS = tuple(name for name in SCHEMA.names if name not in ARRAY_COLUMNS)
 
 
 @dataclass
@@ -56,18 +60,19 @@ class Clip:
 @dataclass
 class ClipRecord:
     """A decoded clip. frames/fgr/bgr uint8 [T,H,W,3] RGB; alpha float32 [T,H,W] in [0,1];
-    flow float32 [T,H,W,2] backward foreground flow (DESIGN.md)."""
+    flow float32 [T,H,W,2] backward foreground flow (DESIGN.md). An array whose column was not
+    read (`iter_clips(columns=...)`) is None."""
 
     clip_id: int
     seed: int
     photo: str
     background: str
     shifted: bool
-    frames: np.ndarray
-    fgr: np.ndarray
-    bgr: np.ndarray
-    alpha: np.ndarray
-    flow: np.ndarray
+    frames: np.ndarray | None
+    fgr: np.ndarray | None
+    bgr: np.ndarray | None
+    alpha: np.ndarray | None
+    flow: np.ndarray | None
     info: dict
 
 
@@ -109,18 +114,31 @@ def _decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def _decode_alpha(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float32) / 255.0
+
+
+def _decode_frames(row: dict, name: str, decode) -> np.ndarray | None:
+    """The per-frame images of column `name` stacked [T,...], or None when it was not read."""
+    data = row.get(name)
+    return None if data is None else np.stack([decode(b) for b in data])
+
+
+def _decode_flow(row: dict) -> np.ndarray | None:
+    if row.get("flow") is None:
+        return None
+    shape = (row["num_frames"], row["height"], row["width"], 2)
+    return np.frombuffer(row["flow"], "<i2").reshape(shape).astype(np.float32) / row["flow_scale"]
+
+
 def decode_row(row: dict) -> ClipRecord:
-    """A ClipRecord from one row (as `pyarrow` `to_pylist` gives it)."""
-    T, H, W = row["num_frames"], row["height"], row["width"]
-    alpha = np.stack([cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED) for b in row["alpha"]])
-    flow = np.frombuffer(row["flow"], "<i2").reshape(T, H, W, 2).astype(np.float32) / row["flow_scale"]
+    """A ClipRecord from one row (as `pyarrow` `to_pylist` gives it); absent array columns give None."""
     return ClipRecord(
         clip_id=row["clip_id"], seed=row["seed"], photo=row["photo"], background=row["background"],
         shifted=row["shifted"],
-        frames=np.stack([_decode_rgb(b) for b in row["frames"]]),
-        fgr=np.stack([_decode_rgb(b) for b in row["fgr"]]),
-        bgr=np.stack([_decode_rgb(b) for b in row["bgr"]]),
-        alpha=alpha.astype(np.float32) / 255.0, flow=flow, info=json.loads(row.get("info") or "{}"),
+        frames=_decode_frames(row, "frames", _decode_rgb), fgr=_decode_frames(row, "fgr", _decode_rgb),
+        bgr=_decode_frames(row, "bgr", _decode_rgb), alpha=_decode_frames(row, "alpha", _decode_alpha),
+        flow=_decode_flow(row), info=json.loads(row.get("info") or "{}"),
     )
 
 
@@ -157,8 +175,27 @@ def shard_metadata(uri: str) -> tuple[int, dict]:
         return md.num_rows, json.loads(kv.get(b"matting", b"{}"))
 
 
+def _read_columns(columns: list[str] | None) -> list[str]:
+    """The Parquet columns to read for `columns` (None: all): the small ones plus the arrays asked for."""
+    if columns is None:
+        return list(SCHEMA.names)
+    unknown = [c for c in columns if c not in SCHEMA.names]
+    if unknown:
+        raise ValueError(f"unknown clip column(s) {', '.join(map(repr, unknown))}; "
+                         f"the columns are {', '.join(SCHEMA.names)}")
+    return [*_SMALL_COLUMNS, *(c for c in ARRAY_COLUMNS if c in columns)]
+
+
 def iter_clips(uri: str, columns: list[str] | None = None) -> Iterator[ClipRecord]:
-    """Yield every clip of a dataset (`OUT` of `matting generate`) in clip order, one at a time."""
+    """Yield every clip of a dataset (`OUT` of `matting generate`) in clip order, one at a time.
+
+    `columns` (names from SCHEMA, e.g. ["frames", "alpha", "flow"]) reads only those array columns
+    from storage; the others are None on the records. An unknown name raises ValueError at once.
+    """
+    return _iter_rows(uri, _read_columns(columns))
+
+
+def _iter_rows(uri: str, columns: list[str]) -> Iterator[ClipRecord]:
     for shard in list_shards(uri):
         fs, path = storage.filesystem(shard)
         with fs.open(path, "rb") as f:
