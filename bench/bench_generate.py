@@ -41,7 +41,8 @@ import json, os, sys, dataclasses
 os.environ['RAY_AUTH_MODE'] = 'disabled'
 sys.path.insert(0, {str(REPO)!r})
 import ray
-from pipelines.ray_runtime import ensure_ray, GLIBC_TUNABLES
+from pipelines.ray_runtime import ensure_ray
+from matting_core.runtime import GLIBC_TUNABLES
 ray.init(num_cpus={cpus}, include_dashboard=False, logging_level='ERROR',
          runtime_env={{'env_vars': {{'GLIBC_TUNABLES': GLIBC_TUNABLES}}}})
 ensure_ray()

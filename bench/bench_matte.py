@@ -35,12 +35,11 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 STREET = SHARED / "data" / "videos" / "people" / "street-two-people" / "frames"
 SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
-TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipelines.ray_runtime import GOMP_SPINCOUNT  # noqa: E402  (imports no torch)
+from matting_core.runtime import GLIBC_TUNABLES as TUNABLES, GOMP_SPINCOUNT  # noqa: E402  (imports no torch)
 
 
 def _ensure_model_cache() -> None:
@@ -111,11 +110,13 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
     import torch
 
     from matting_core.flow import dis_flow
-    from matting_core.inference.matter import Matter, auto_downsample_ratio, prior_stream_from_spec
+    from matting_core.runtime import set_cpu_threads
+    from matting_core.inference.loop import matte_video
+    from matting_core.inference.matter import Matter, auto_downsample_ratio
+    from matting_core.prior import prior_stream_from_spec
     from matting_core.model.optimize import optimize_for_inference
     from matting_core.inference.outputs import MatteOutputs, default_encoder_threads
     from matting_core.video import probe
-    from pipelines.matte import MatteConfig, matte_video
 
     w, h = size
     frames = source_frames(frames_n, size)
@@ -123,7 +124,7 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
     ratio = auto_downsample_ratio(h, w)
     out: dict = {"size": f"{w}x{h}", "frames": frames_n, "downsample_ratio": round(ratio, 4)}
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_cpu_threads()  # as `matting matte` does on the CPU
     priors = [stream.prior(f) for f in frames[:4]]
     state = None
     fast = optimize_for_inference(net)  # as Matter runs it
@@ -157,9 +158,9 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
                       (info.width, info.height), background=True,
                       encoder_threads=default_encoder_threads((w, h), True)) as outputs:
         # The loop `matting matte` runs (prefetching decoder, writer thread), with its own timings.
-        summary = matte_video(MatteConfig(video=video, progress=False), info, matter, outputs)
-        outputs.commit({"status": "ok", "frames": summary["frames"]})
-    timings, n = summary["timings"], summary["frames"]
+        result = matte_video(video, info, matter, outputs)
+    assert result.status == "ok", result.reason
+    timings, n = result.timings, result.frames
     out["e2e_ms"] = timings["ms_per_frame"]["wall"]
     out["e2e_fps"] = timings["fps"]
     out["decode_ms"] = timings["ms_per_frame"]["decode"]

@@ -19,7 +19,10 @@ import statistics
 import sys
 import time
 
-TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from matting_core.runtime import GLIBC_TUNABLES as TUNABLES  # noqa: E402  (imports no torch)
 
 
 def bench(nets: dict, width: int, height: int, ratio: float, frames: int, warmup: int, rounds: int = 5

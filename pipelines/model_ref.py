@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from matting_core.model import MattingNet
 
-__all__ = ["ModelRefError", "load_model", "resolve_device", "tracking_uri", "is_registry_ref", "find_checkpoint"]
+__all__ = ["ModelRefError", "load_model", "tracking_uri", "is_registry_ref", "find_checkpoint"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _PREFERRED = ("model.pt", "checkpoint.pt")
@@ -81,11 +81,6 @@ def load_model(ref: str, device: "str | torch.device" = "cpu") -> "MattingNet":
         if local is not None and os.path.isdir(local):
             ref = str(find_checkpoint(local, ref))
         net = load_checkpoint(ref)
+    from matting_core.runtime import resolve_device
+
     return net.to(resolve_device(device)).eval()
-
-
-def resolve_device(name: "str | torch.device" = "auto") -> "torch.device":
-    """`auto` -> CUDA when available else CPU; `cpu`; `cuda[:N]` (a clear error without a GPU)."""
-    from matting_core.inference.matter import resolve_device as _resolve
-
-    return _resolve(name)

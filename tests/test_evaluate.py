@@ -268,7 +268,6 @@ def _tiny_checkpoint(path: Path) -> Path:
 @pytest.mark.skipif(not (SHARED / "models" / "selfie_segmentation_landscape.tflite").exists(),
                     reason="offline selfie model absent")
 def test_model_run_over_a_benchmark_beside_the_baselines(bench, tmp_path, monkeypatch):
-    pytest.importorskip("pipelines.model_ref", reason="pipelines.model_ref not built yet")
     monkeypatch.setenv("MATTING_MODEL_CACHE", str(SHARED / "models"))
     ckpt = _tiny_checkpoint(tmp_path / "model.pt")
     out = tmp_path / "m.json"
@@ -289,11 +288,8 @@ def test_model_run_over_a_benchmark_beside_the_baselines(bench, tmp_path, monkey
                     or not (SHARED / "data" / "videos" / "backgrounds").exists(),
                     reason="sample data or offline selfie model absent")
 def test_end_to_end_make_benchmark_matte_evaluate(tmp_path, monkeypatch):
-    pytest.importorskip("pipelines.model_ref", reason="pipelines.model_ref not built yet")
     from pipelines import cli
 
-    for module in cli.COMMANDS.values():
-        pytest.importorskip(module, reason=f"{module} not built yet")
     monkeypatch.setenv("MATTING_MODEL_CACHE", str(SHARED / "models"))
     bench = tmp_path / "bench"
     assert cli.main(["make-benchmark", "--photos", str(SHARED / "data" / "photos" / "p3m"),

@@ -59,8 +59,9 @@ def test_torchscript_matches_pytorch_over_frames_with_state(net, tmp_path, ratio
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_onnx_through_onnxruntime_matches_pytorch_at_other_sizes(net, tmp_path, ratio):
-    ort = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    import onnx
+    import onnxruntime as ort
+
     path = tmp_path / "model.onnx"
     export_onnx(net, str(path), downsample_ratio=ratio, height=64, width=96)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -78,7 +79,6 @@ def test_onnx_through_onnxruntime_matches_pytorch_at_other_sizes(net, tmp_path, 
 
 
 def test_matting_export_command(net, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
     ckpt = tmp_path / "model.pt"
     save_checkpoint(net, str(ckpt))
     out = tmp_path / "out" / "model.onnx"
@@ -124,7 +124,6 @@ def test_load_model_from_a_path_or_a_folder(net, tmp_path):
 
 
 def test_load_model_from_the_mlflow_registry(net, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db

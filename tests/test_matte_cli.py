@@ -201,6 +201,6 @@ def test_corrupt_frame_inside_a_video_file_is_reported_and_the_rest_comes_out(tm
 
 
 def test_tune_malloc_applies_in_process():
-    from pipelines.ray_runtime import tune_malloc
+    from matting_core.runtime import tune_malloc
 
     assert tune_malloc() is True  # glibc (Linux) machines: mallopt accepted both settings

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from matting_core.flow import TemporalSmoother
-from matting_core.inference.matter import Matter, auto_downsample_ratio, prior_stream_from_spec, resolve_device
+from matting_core.inference.matter import Matter, auto_downsample_ratio
 from matting_core.model import matting_net
-from matting_core.prior import ConstantPrior, PriorStream, SelfiePrior, make_prior
+from matting_core.prior import ConstantPrior, PriorStream, SelfiePrior, make_prior, prior_stream_from_spec
+from matting_core.runtime import resolve_device
 from matting_core.video import iter_frames
+from tests.nets import lively
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CARPHONE = SHARED / "data" / "videos" / "people" / "carphone.mp4"
@@ -32,8 +34,9 @@ def frames():
 
 @pytest.fixture(scope="module")
 def net():
+    """A net whose output depends on its recurrent state (an untrained one returns the prior whatever the state)."""
     torch.manual_seed(0)
-    return matting_net(backbone_weights="none").eval()
+    return lively(matting_net(backbone_weights="none"))
 
 
 def _selfie_stream():
@@ -64,6 +67,9 @@ def test_streaming_equals_manual_per_frame_calls(frames, net):
     for mine, ref in zip(matter.state, state):
         torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
     assert max(float(t.abs().max()) for t in state) > 0
+    # The state matters: matting each frame from a fresh state gives other mattes.
+    stateless = [Matter(net, _selfie_stream(), device="cpu").step(f).pha for f in frames[:3]]
+    assert max(float(np.abs(x - r.pha).max()) for x, r in zip(stateless[1:], results[1:3])) > 1e-3
 
     timings = matter.timer.summary()
     assert timings["frames"] == len(frames)
@@ -104,6 +110,9 @@ def test_reset_between_videos_and_on_size_change(frames, net):
     b = [r.pha for r in matter.run(frames[:3])]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    # Without a reset the same frames meet the state the last ones left: other mattes.
+    carried = [matter.step(f).pha for f in frames[:3]]
+    assert float(np.abs(carried[0] - a[0]).max()) > 1e-3
     # A frame of another size starts afresh instead of failing on the old recurrent state.
     small = np.ascontiguousarray(frames[3][:96, :128])
     fresh = Matter(net, PriorStream(ConstantPrior(0.5), TemporalSmoother()), device="cpu",
@@ -175,3 +184,40 @@ def test_prior_runs_at_the_networks_working_size(net):
     assert confident.any() and a[-1].prior[confident].mean() > 0.85
     # Full-resolution frames are matted as before when the network runs at full size.
     assert Matter(net, _selfie_stream(), device="cpu", downsample_ratio=1.0).spec["prior_size"] is None
+
+
+def test_matter_changes_nothing_it_is_given(frames):
+    """A model in training and a prior stream come back as they were; process thread counts are untouched."""
+    import cv2
+
+    torch.manual_seed(0)
+    model = lively(matting_net(backbone_weights="none")).train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    stream, reference = (PriorStream(_RedPrior(), TemporalSmoother()) for _ in range(2))
+    stream(frames[0]), reference(frames[0])  # both hold the history of one frame
+    prior, smoother = stream.prior, stream.smoother
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(2)
+    try:
+        matter = Matter(model, stream, device="cpu", smooth_alpha=True)
+        list(matter.run(frames[:3]))
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 2
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not getattr(model, "inference_optimized", False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert stream.prior is prior and stream.smoother is smoother and matter.prior_stream is not stream
+    # The stream's smoothing history is where it was: it goes on exactly as the untouched one.
+    np.testing.assert_array_equal(stream(frames[4]), reference(frames[4]))
+
+
+class _RedPrior(ConstantPrior):
+    """A prior that varies with the frame (its red channel), so that smoothing history shows."""
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        return frame[..., 0].astype(np.float32) / 255.0

@@ -12,35 +12,10 @@ from matting_core.model import (SKIP_INDICES, BackboneWeightsError, CheckpointEr
 from matting_core.model.backbone import imagenet_cache_path
 from matting_core.model.blocks import AttentionGate, ConvLSTM
 from matting_core.model.refine import FastGuidedFilter
+from matting_core.flow import TemporalSmoother
+from matting_core.prior import LEGACY_SMOOTHER_SPEC, PRIOR_SPEC_VERSION, prior_stream_from_spec
 
-H, W = 64, 96
-
-
-def _clip(b=1, t=3, h=H, w=W, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(b, t, 3, h, w, generator=gen), torch.rand(b, t, 1, h, w, generator=gen)
-
-
-@torch.no_grad()
-def lively(net: MattingNet, seed: int = 0) -> MattingNet:
-    """`net` with what training gives a net and initialisation does not: batch-norm statistics of its
-    own activations and a non-zero output layer (a fresh net returns the prior; tests need more)."""
-    gen = torch.Generator().manual_seed(seed)
-    net.output_conv.weight.copy_(torch.randn(net.output_conv.weight.shape, generator=gen) * 0.5)
-    net.output_conv.bias.copy_(torch.randn(4, generator=gen) * 0.1)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
-    net.train()
-    for k in range(2):
-        net(*_clip(b=2, t=2, seed=100 + k))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            # Nearly dead channels of a random net get gains up to 1/sqrt(2.6e-5) ~ 200, which make
-            # PyTorch's own fp32 output differ from fp64 by ~8e-5: no 1e-4 comparison could pass.
-            m.running_var.clamp_(min=1e-2)
-    return net.eval()
+from tests.nets import H, W, clip as _clip, lively
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +146,43 @@ def test_guided_filter_recovers_full_resolution_detail_of_a_locally_linear_matte
 def test_config_is_json_safe_and_records_the_prior():
     net = matting_net(lstm_channels=(4, 8, 8, 16, 32), prior={"backend": "none", "value": 0.25})
     assert json.loads(json.dumps(net.config)) == net.config
-    assert net.config["lstm_channels"] == [4, 8, 8, 16, 32] and net.config["prior"]["backend"] == "none"
-    assert matting_net().config["prior"] == {"backend": "selfie"}
+    assert net.config["lstm_channels"] == [4, 8, 8, 16, 32]
+    assert net.config["prior"]["prior"] == {"backend": "none", "value": 0.25}
+
+
+def test_checkpoints_record_the_resolved_prior_and_rebuild_it_whatever_the_defaults(tmp_path, monkeypatch):
+    """Backend, weights, input size and every smoother setting are recorded; runtime settings are not."""
+    spec = matting_net(prior={"backend": "selfie", "num_threads": 4}).config["prior"]
+    assert spec["version"] == PRIOR_SPEC_VERSION and spec["key_interval"] == 1
+    assert spec["prior"] == {"backend": "selfie", "weights": "default", "input_size": [256, 144]}
+    assert spec["smoother"] == TemporalSmoother().spec
+    deeplab = matting_net(prior={"backend": "deeplabv3", "weights": "none"}).config["prior"]["prior"]
+    assert deeplab == {"backend": "deeplabv3", "weights": "none", "arch": "mobilenet_v3_large", "size": 256}
+    path = tmp_path / "model.pt"
+    save_checkpoint(matting_net(prior={"backend": "none"}), str(path))
+    recorded = load_checkpoint(str(path)).config["prior"]
+    # The code's defaults change later: the checkpoint still rebuilds the smoother it recorded.
+    defaults = list(TemporalSmoother.__init__.__defaults__)
+    monkeypatch.setattr(TemporalSmoother.__init__, "__defaults__", tuple(d * 2 if isinstance(d, float) else d
+                                                                        for d in defaults))
+    assert TemporalSmoother().spec != recorded["smoother"], "the defaults did not change"
+    assert load_checkpoint(str(path)).config["prior"] == recorded
+    assert prior_stream_from_spec(recorded).smoother.spec == recorded["smoother"]
+
+
+def test_checkpoints_from_before_resolved_priors_load_with_the_legacy_smoother(tmp_path):
+    path = tmp_path / "old.pt"
+    save_checkpoint(matting_net(), str(path))
+    payload = torch.load(path, weights_only=True)
+    config = json.loads(payload["config"])
+    config["prior"] = {"backend": "selfie"}  # what checkpoints recorded before
+    payload["config"] = json.dumps(config)
+    torch.save(payload, path)
+    spec = load_checkpoint(str(path)).config["prior"]
+    assert spec["version"] == PRIOR_SPEC_VERSION
+    assert spec["prior"] == {"backend": "selfie", "weights": "default", "input_size": [256, 144]}
+    assert spec["smoother"] == {**TemporalSmoother().spec, **LEGACY_SMOOTHER_SPEC}
+    assert prior_stream_from_spec(spec).smoother.spec == spec["smoother"]
 
 
 @torch.no_grad()

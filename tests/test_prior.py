@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from matting_core.prior import (SELFIE_MODEL_NAME, ModelNotFoundError, PriorStream, find_selfie_model,
+from matting_core.prior import (prior_stream_from_spec, SELFIE_MODEL_NAME, ModelNotFoundError, PriorStream, find_selfie_model,
                                 make_prior, model_cache_dir)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -52,7 +52,7 @@ def test_cache_dir_and_missing_model_message(tmp_path, monkeypatch):
 
 def test_selfie_prior_segments_people(selfie_cache):
     prior = make_prior()  # the default backend, from the cache
-    assert prior.spec == {"backend": "selfie", "weights": "default", "num_threads": 2}
+    assert prior.spec == {"backend": "selfie", "weights": "default", "input_size": [256, 144]}
     ious = []
     for image, alpha in _p3m_pairs():
         prob = prior(image)
@@ -145,5 +145,5 @@ def test_prior_stream_key_frames_follow_the_video():
     assert 1e3 * np.abs(out - per_frame).mean() < 15
     stream.reset()
     np.testing.assert_array_equal(stream(frames[10]), per_frame[10])  # fresh video: no history
-    rebuilt = PriorStream.from_spec(stream.spec)
+    rebuilt = prior_stream_from_spec(stream.spec)
     assert rebuilt.spec == stream.spec

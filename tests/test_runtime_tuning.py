@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _PROBE = """
 import json, os, sys
-from pipelines.ray_runtime import GOMP_SPINCOUNT, tune_openmp
+from matting_core.runtime import GOMP_SPINCOUNT, tune_openmp
 before = tune_openmp()
 import torch
 after = tune_openmp()
@@ -81,3 +81,15 @@ def test_helper_threads_run_at_lower_priority(tmp_path):
     t.start()
     t.join()
     assert box["nice"] == 15
+
+
+def test_set_cpu_threads_is_the_entry_points_call_and_leaves_opencv_single_threaded():
+    code = ("import cv2, json, torch\n"
+            "from matting_core.runtime import available_cpus, set_cpu_threads\n"
+            "cv2.setNumThreads(4)\n"
+            "n = set_cpu_threads(1)\n"
+            "a = [n, torch.get_num_threads(), cv2.getNumThreads()]\n"
+            "print(json.dumps({'one': a, 'all': set_cpu_threads(), 'cpus': available_cpus()}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["one"] == [1, 1, 1] and got["all"] == got["cpus"]

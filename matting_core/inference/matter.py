@@ -8,7 +8,7 @@ over time was slower per frame (STACK.md); `reset()` starts the next video.
 """
 from __future__ import annotations
 
-import os
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from matting_core.flow import TemporalSmoother
-from matting_core.prior import Prior, PriorStream, make_prior
 from matting_core.model import MattingNet
 from matting_core.model.optimize import optimize_for_inference
+from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
+from matting_core.runtime import resolve_device
 
-__all__ = ["MatteFrame", "Matter", "StageTimer", "resolve_device", "auto_downsample_ratio",
-           "prior_stream_from_spec"]
+__all__ = ["MatteFrame", "Matter", "StageTimer", "auto_downsample_ratio"]
 
 
 @dataclass
@@ -73,63 +73,22 @@ class _TimedPrior(Prior):
         return out
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available (use --device cpu or auto)")
-    if str(device).split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
 def auto_downsample_ratio(height: int, width: int, max_side: int = 512) -> float:
     """Ratio at which the network sees a frame whose longer side is at most `max_side` (1 for small frames)."""
     return min(1.0, max_side / max(height, width))
 
 
-def prior_stream_from_spec(spec: dict[str, Any] | None, backend: str | None = None,
-                           weights: str | None = None, smooth: bool | None = None,
-                           device: Any = "cpu") -> PriorStream:
-    """The prior stream a checkpoint recorded (`net.config["prior"]`), with optional overrides.
-
-    `spec` is a PriorStream spec (`{"prior": {...}, "smoother": {...}|None, "key_interval": k}`) or
-    a bare prior spec (`{"backend": ...}`); missing means the default selfie prior. Choosing a
-    different `backend` drops the recorded prior options (they belong to the other backend) but
-    keeps the smoother settings. `smooth=False` turns prior smoothing off, True forces it on.
-    """
-    spec = dict(spec or {})
-    if "prior" in spec:
-        prior_spec = dict(spec["prior"])
-        smoother_spec = spec.get("smoother")
-        key_interval = int(spec.get("key_interval", 1))
-    else:
-        prior_spec = spec if spec.get("backend") else {"backend": "selfie"}
-        smoother_spec = spec.get("smoother", {})
-        prior_spec = {k: v for k, v in prior_spec.items() if k != "smoother"}
-        key_interval = 1
-    if backend and backend != prior_spec.get("backend"):
-        prior_spec = {"backend": backend}
-    if weights:
-        prior_spec["weights"] = weights
-    if smooth is False:
-        smoother_spec, key_interval = None, 1
-    elif smooth is True and smoother_spec is None:
-        smoother_spec = {}
-    smoother = TemporalSmoother(**smoother_spec) if smoother_spec is not None else None
-    return PriorStream(make_prior(device=device, **prior_spec), smoother, key_interval)
-
-
 class Matter:
     """Mattes a video frame by frame with a MattingNet and a prior stream, in constant memory.
 
+    Nothing it is given changes: the network is copied (to `device`, eval mode, no gradients,
+    inference-optimised), the prior stream's smoothing history is its own, and process-wide
+    settings (thread counts) are left to the caller (`matting_core.runtime.set_cpu_threads`).
+
     Args:
-        net: a `matting_core.model.MattingNet` (moved to `device`, put in eval mode).
+        net: a `matting_core.model.MattingNet` (or any module with its forward signature).
         prior: a PriorStream, or None for the one the checkpoint records (`net.config["prior"]`);
-            its prior is wrapped so that its run time is counted apart from the smoothing.
+            Matter runs its prior (timed apart from the smoothing) with a smoother of its own.
         device: `auto`, `cpu`, `cuda` or a torch.device.
         amp: float16 autocast on CUDA (ignored on CPU).
         downsample_ratio: the network's input scale; None picks `auto_downsample_ratio(max_side)`
@@ -137,7 +96,6 @@ class Matter:
         max_side: longer side of the network's input when the ratio is automatic.
         smooth_alpha: also smooth the output alpha with the prior stream's motion (no extra flow).
         alpha_smoother: settings for the alpha smoother (TemporalSmoother keyword arguments).
-        threads: torch CPU threads (0: every core this process may use).
         prior_at_work_size: when the network runs below the frame's resolution, run the prior
             stream (prior and motion-compensated smoothing) on the frame scaled to the network's
             working size too, and upsample its map: the network sees the prior at that size
@@ -147,21 +105,11 @@ class Matter:
     def __init__(self, net: torch.nn.Module, prior: PriorStream | None = None, device: Any = "auto",
                  amp: bool = True, downsample_ratio: float | None = None, max_side: int = 512,
                  smooth_alpha: bool = False, alpha_smoother: dict[str, Any] | None = None,
-                 threads: int = 0, prior_at_work_size: bool = True):
+                 prior_at_work_size: bool = True):
         self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            threads = threads or len(os.sched_getaffinity(0))
-            torch.set_num_threads(threads)
-            # OpenCV's worker pool (resizes, DIS flow) keeps spinning after each call and steals
-            # the cores torch's threads need: single-threaded OpenCV made a 512x288 frame 8%
-            # faster overall (53.7 -> 49.4 ms) here. Its calls on these sizes are short anyway.
-            cv2.setNumThreads(1)
         if downsample_ratio is not None and not 0.0 < downsample_ratio <= 1.0:
             raise ValueError(f"downsample_ratio must be in (0, 1], got {downsample_ratio}")
-        self.net = net.to(self.device).eval().requires_grad_(False)
-        if isinstance(self.net, MattingNet):
-            # Folded batch norms + channels-last: about 20% faster streaming on CPU, same outputs (~1e-6).
-            self.net = optimize_for_inference(self.net)
+        self.net = _inference_copy(net, self.device)
         self.amp = bool(amp) and self.device.type == "cuda"
         self.fixed_ratio = downsample_ratio
         self.max_side = int(max_side)
@@ -170,8 +118,9 @@ class Matter:
         if prior is None:
             config = getattr(net, "config", {}) or {}
             prior = prior_stream_from_spec(config.get("prior"), device=self.device)
-        self.prior_stream = prior
-        self.prior_stream.prior = _TimedPrior(_unwrap(prior.prior), self.timer)
+        own = prior.fresh()
+        own.prior = _TimedPrior(own.prior, self.timer)
+        self.prior_stream = own
         self.alpha_smoother = None
         if smooth_alpha:
             self.alpha_smoother = TemporalSmoother(**(alpha_smoother or {}))
@@ -261,5 +210,15 @@ class Matter:
             yield self.step(frame)
 
 
-def _unwrap(prior: Prior) -> Prior:
-    return prior.inner if isinstance(prior, _TimedPrior) else prior
+def _inference_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`net` on `device` in eval mode without gradients, as a copy: the caller's model (perhaps in training) is untouched."""
+    if isinstance(net, MattingNet):
+        # Folded batch norms + channels-last: about 20% faster streaming on CPU, same outputs (~1e-6).
+        # optimize_for_inference works on a copy; one on another device is copied first, then moved.
+        return optimize_for_inference(net if _on(net, device) else copy.deepcopy(net).to(device))
+    return copy.deepcopy(net).to(device).eval().requires_grad_(False)
+
+
+def _on(net: torch.nn.Module, device: torch.device) -> bool:
+    first = next(net.parameters(), None)
+    return first is None or first.device.type == device.type

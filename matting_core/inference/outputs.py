@@ -80,6 +80,7 @@ class MatteOutputs:
                  background: bool = False, queue_size: int = 4, encoder_threads: int = 0):
         self.formats = parse_formats(formats)
         self.out_dir, self.stem = out_dir, stem
+        self.fps, self.background = fps, bool(background)
         self.final_uri = storage.join(out_dir, stem)
         local_parent = storage.local_path(out_dir)
         self._remote = local_parent is None

@@ -14,6 +14,7 @@ import torch
 
 from matting_core import storage
 from matting_core.model.net import MattingNet
+from matting_core.prior import LEGACY_SMOOTHER_SPEC, resolve_prior_spec
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "FORMAT", "VERSION"]
 
@@ -93,6 +94,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> MattingNet:
     ckpt = read_checkpoint(path, map_location)
     config = dict(ckpt["config"])
     config.setdefault("arch", 1)  # written before architecture versions existed
+    if (config.get("prior") or {}).get("version") is None:
+        # Written before priors were recorded in full: such a model met the smoother's settings of then.
+        config["prior"] = resolve_prior_spec(config.get("prior"), smoother_defaults=LEGACY_SMOOTHER_SPEC)
     try:
         net = MattingNet(**config)
     except (TypeError, ValueError) as exc:

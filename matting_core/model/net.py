@@ -16,13 +16,13 @@ from matting_core.model.backbone import SKIP_CHANNELS, SKIP_INDICES, load_backbo
 from matting_core.model.blocks import (AttentionGate, ConvBNReLU, ConvLSTM, DecoderBlock, SeparableConv,
                                        unfold_time)
 from matting_core.model.refine import GuidedRefiner
+from matting_core.prior import resolve_prior_spec
 
-__all__ = ["MattingNet", "matting_net", "DEFAULT_PRIOR", "ARCH_VERSION"]
+__all__ = ["MattingNet", "matting_net", "ARCH_VERSION"]
 
 # Checkpoints whose config has no "arch" key were written by version 1 (see MattingNet).
 ARCH_VERSION = 2
 
-DEFAULT_PRIOR: Dict[str, Any] = {"backend": "selfie"}
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
@@ -60,7 +60,8 @@ class MattingNet(nn.Module):
         head_channels: width of the full-resolution head (8 in version 2: its cost is per full-resolution pixel).
         attention_channels: hidden width of each attention gate (at most the skip's width).
         refine_radius, refine_eps: fast guided filter of the `downsample_ratio` path.
-        prior: JSON-safe spec of the prior the model is used with (`make_prior(**prior)` rebuilds it).
+        prior: the prior stream the model learns and is used with (a `resolve_prior_spec` input;
+            recorded resolved, so inference rebuilds exactly it whatever the defaults become).
         arch: architecture version, 1 or 2 (see above).
 
     Shapes: `src` `[B,T,3,H,W]` (or `[B,3,H,W]`), `prior` `[B,T,1,H,W]` (or `[B,1,H,W]`), values in
@@ -91,7 +92,7 @@ class MattingNet(nn.Module):
             "attention_channels": int(attention_channels),
             "refine_radius": int(refine_radius),
             "refine_eps": float(refine_eps),
-            "prior": dict(prior) if prior is not None else dict(DEFAULT_PRIOR),
+            "prior": resolve_prior_spec(prior),
             "arch": int(arch),
         }
         self.arch = int(arch)

@@ -1,0 +1,136 @@
+"""The per-video loop `matting matte` and `matting infer` share: decode -> Matter -> outputs -> result.json.
+
+Frames are decoded one to three ahead in a thread; a corrupt frame (or one of another size) is
+reported by its source index and skipped; the outputs are published with `result.json` only when
+every frame that could be read is written, and nothing is published when no frame could be.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from matting_core.inference.matter import Matter
+from matting_core.inference.outputs import MatteOutputs
+from matting_core.video import VideoInfo, iter_frames, prefetch
+
+__all__ = ["VideoResult", "matte_video"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoResult:
+    """What became of one video: status `ok|partial|failed`, frames written, lost frames with reasons, timings."""
+
+    status: str
+    frames: int = 0
+    lost_frames: list[int] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+    where: str | None = None  # the published folder's URI (None when nothing was published)
+    reason: str | None = None  # why a failed video failed
+
+
+def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutputs, *,
+                record: dict[str, Any] | None = None, progress: bool = False) -> VideoResult:
+    """Matte every frame of `video` into `outputs` and publish them with result.json (plus `record`), or publish nothing.
+
+    `record` adds the caller's fields to result.json (model reference, job config, ...). A
+    failure while decoding, matting or encoding aborts the outputs and comes back as a `failed`
+    result with its reason; it is not raised.
+    """
+    try:
+        result = _matte_frames(video, info, matter, outputs, progress)
+    except Exception as exc:  # decoding, matting or encoding: report it, publish nothing
+        outputs.abort()
+        return VideoResult("failed", reason=f"failed: {exc}")
+    if result.frames == 0:
+        outputs.abort()
+        result.status, result.reason = "failed", "no frame could be read"
+        return result
+    result.status = "partial" if result.lost_frames else "ok"
+    document = {
+        "status": result.status, "video": video, "stem": outputs.stem,
+        "frames": result.frames, "source_frames": info.frames,
+        "lost_frames": result.lost_frames, "errors": result.errors,
+        "fps": float(outputs.fps), "width": info.width, "height": info.height,
+        "formats": list(outputs.formats),
+        "prior": matter.prior_stream.spec, "matter": matter.spec, "timings": result.timings,
+        **(record or {}),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        result.where = outputs.commit(document)
+    except Exception as exc:  # commit aborts the outputs itself
+        return VideoResult("failed", result.frames, result.lost_frames, result.errors, result.timings,
+                           reason=f"cannot publish {outputs.final_uri}: {exc}")
+    return result
+
+
+def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutputs,
+                  progress: bool) -> VideoResult:
+    """Decode, matte and write every frame, then finish the outputs (not committed)."""
+    from tqdm import tqdm
+
+    errors: list[dict[str, Any]] = []
+    decode_errors = [0]
+
+    def on_error(index: int, message: str) -> None:
+        errors.append({"index": index, "message": message})
+        log.warning("%s: frame %d skipped: %s", video, index, message)
+
+    def on_decode_error(index: int, message: str) -> None:
+        decode_errors[0] += 1
+        on_error(index, message)
+
+    frames = prefetch(iter_frames(video, on_error=on_decode_error), decode_errors)
+    bar = tqdm(total=info.frames, unit="frame", desc=outputs.stem, disable=not progress, dynamic_ncols=True)
+    decode_s = encode_s = 0.0
+    written = 0
+    start = time.perf_counter()
+    matter.reset()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            item = next(frames, None)
+            decode_s += time.perf_counter() - t0
+            if item is None:
+                break
+            index, frame = item  # the source index counts the frames reported to on_error too
+            if frame.shape[:2] != (info.height, info.width):
+                on_error(index, f"frame is {frame.shape[1]}x{frame.shape[0]}, "
+                                f"the video is {info.width}x{info.height}")
+                continue
+            res = matter.step(frame)
+            t0 = time.perf_counter()
+            outputs.write(index, res.pha, res.fgr)
+            encode_s += time.perf_counter() - t0
+            written += 1
+            bar.update(1)
+        t0 = time.perf_counter()
+        outputs.finish()
+        encode_s += time.perf_counter() - t0
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    return VideoResult("", written, sorted(e["index"] for e in errors), errors,
+                       _timings(matter, written, decode_s, encode_s, wall, outputs.background))
+
+
+def _timings(matter: Matter, written: int, decode_s: float, encode_s: float, wall: float,
+             writer_thread: bool) -> dict[str, Any]:
+    """Matter's per-stage timings plus decoding, encoding and wall time, totals and per frame."""
+    timings = matter.timer.summary()
+    n = max(written, 1)
+    timings["total_s"].update({"decode": round(decode_s, 4), "encode": round(encode_s, 4),
+                               "wall": round(wall, 4)})
+    timings["ms_per_frame"].update({"decode": round(1e3 * decode_s / n, 3),
+                                    "encode": round(1e3 * encode_s / n, 3),
+                                    "wall": round(1e3 * wall / n, 3)})
+    timings["fps"] = round(written / wall, 3) if wall > 0 else 0.0
+    # With the writer thread, "encode" is the time matting waited for the encoders, not their cost.
+    timings["writer_thread"] = bool(writer_thread)
+    return timings
