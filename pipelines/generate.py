@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matting_core import storage
-from matting_core.data.fakemotion import FakeMotionConfig
+from matting_core.data.fakemotion import GENERATOR_VERSION, FakeMotionConfig
 from pipelines import config as cfglib
 
 log = logging.getLogger("matting.generate")
@@ -61,9 +61,9 @@ class GenerateSummary:
 
 
 def fingerprint(cfg: GenerateConfig, sources: dict) -> str:
-    """Hash of everything that decides the dataset's content."""
+    """Hash of everything that decides the dataset's content: config, sources, generator version."""
     content = {k: v for k, v in cfglib.to_dict(cfg).items() if k not in _NOT_CONTENT}
-    blob = json.dumps({"config": content, "sources": sources}, sort_keys=True)
+    blob = json.dumps({"config": content, "sources": sources, "generator_version": GENERATOR_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -199,16 +199,25 @@ def _validate_all(cfg: GenerateConfig, photos, backgrounds) -> list[dict]:
     return sorted(rows, key=lambda r: (r["kind"], r["uri"]))
 
 
+def _refusal(cfg: GenerateConfig, record: dict, fp: str) -> str:
+    """Why the dataset recorded in `record` (its manifest or marker) cannot be resumed by this run."""
+    version = record.get("generator_version", 1)  # datasets that record none predate versioning
+    if version != GENERATOR_VERSION:
+        made = f"by fake-motion generator version {version} (this code is version {GENERATOR_VERSION})"
+    else:
+        made = "with a different configuration or source set"
+    return (f"{cfg.out} holds a dataset made {made} (fingerprint {record['fingerprint']}, this run {fp}); "
+            f"pass --overwrite to replace it, or choose another --out")
+
+
 def _prepare_output(cfg: GenerateConfig, fp: str) -> None:
     manifest = _read_json(storage.join(cfg.out, "manifest.json"))
     marker = _read_json(storage.join(cfg.out, MARKER))
-    recorded = (manifest or {}).get("fingerprint") or (marker or {}).get("fingerprint")
+    record = manifest if (manifest or {}).get("fingerprint") else (marker or {})
+    recorded = record.get("fingerprint")
     if recorded and recorded != fp:
         if not cfg.overwrite:
-            raise GenerateRefused(
-                f"{cfg.out} holds a dataset made with a different configuration or source set "
-                f"(fingerprint {recorded}, this run {fp}); pass --overwrite to replace it, "
-                f"or choose another --out")
+            raise GenerateRefused(_refusal(cfg, record, fp))
         log.warning("--overwrite: removing the dataset in %s", cfg.out)
     if cfg.overwrite and (recorded or storage.exists(storage.join(cfg.out, "clips"))):
         for name in ("manifest.json", MARKER, "errors.jsonl"):
@@ -254,7 +263,8 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
         return GenerateSummary(1, f"no valid {what} remains after validation "
                                   f"({len(rejections)} input(s) rejected, see {errors_uri})")
     storage.write_bytes_atomic(storage.join(cfg.out, MARKER), json.dumps(
-        {"fingerprint": fp, "config": cfglib.to_dict(cfg), "sources": sources}, indent=1).encode())
+        {"fingerprint": fp, "generator_version": GENERATOR_VERSION, "config": cfglib.to_dict(cfg),
+         "sources": sources}, indent=1).encode())
 
     ranges = [(s, min(s + cfg.shard_size, cfg.clips)) for s in range(0, cfg.clips, cfg.shard_size)]
     existing = {u.rsplit("/", 1)[-1] for u in list_shards(cfg.out)}
@@ -279,7 +289,8 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
     storage.write_bytes_atomic(errors_uri, "".join(json.dumps(r) + "\n" for r in rejections).encode())
     fm = cfg.fakemotion
     manifest = {
-        "schema_version": SCHEMA_VERSION, "fingerprint": fp, "seed": cfg.seed,
+        "schema_version": SCHEMA_VERSION, "generator_version": GENERATOR_VERSION,
+        "fingerprint": fp, "seed": cfg.seed,
         "config": cfglib.to_dict(cfg),
         "counts": {"clips_requested": cfg.clips, "clips_written": written, "clips_failed": len(failed),
                    "frames_written": written * fm.frames, "shards": len(ranges),

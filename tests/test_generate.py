@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -171,6 +172,38 @@ def test_other_configuration_is_refused_unless_overwrite(two_worker_run, sources
     summary = run_generate(config(*sources, str(out), seed=5, clips=4, overwrite=True))
     assert summary.status == 0
     assert sorted(read_all(str(out))) == [0, 1, 2, 3]
+
+
+def test_dataset_of_another_generator_version_is_refused_unless_overwrite(two_worker_run, sources, tmp_path,
+                                                                          monkeypatch):
+    import pipelines.generate as gen
+
+    out = tmp_path / "old-generator"
+    shutil.copytree(two_worker_run[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generator_version"] == gen.GENERATOR_VERSION
+    # as the code before generator versions wrote them: no version, a fingerprint of config and sources only
+    content = {k: v for k, v in manifest["config"].items() if k not in gen._NOT_CONTENT}
+    old_fp = hashlib.sha256(json.dumps({"config": content, "sources": manifest["sources"]},
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    for name in ("manifest.json", gen.MARKER):
+        record = json.loads((out / name).read_text())
+        del record["generator_version"]
+        (out / name).write_text(json.dumps({**record, "fingerprint": old_fp}))
+    refusal = f"generator version 1 \\(this code is version {gen.GENERATOR_VERSION}\\)"
+    with pytest.raises(GenerateRefused, match=refusal):
+        run_generate(config(*sources, str(out)))
+    (out / "manifest.json").unlink()  # an interrupted old run: only its marker and shards
+    with pytest.raises(GenerateRefused, match="generator version 1"):
+        run_generate(config(*sources, str(out)))
+    assert len(list_shards(str(out))) == 3  # refusing touches nothing
+    summary = run_generate(config(*sources, str(out), clips=4, overwrite=True))
+    assert summary.status == 0 and summary.manifest["generator_version"] == gen.GENERATOR_VERSION
+    assert summary.manifest["this_run"]["clips_made"] == 4 and sorted(read_all(str(out))) == [0, 1, 2, 3]
+    # a later bump of the version refuses this dataset in turn
+    monkeypatch.setattr(gen, "GENERATOR_VERSION", gen.GENERATOR_VERSION + 1)
+    with pytest.raises(GenerateRefused, match=f"version {gen.GENERATOR_VERSION - 1} \\(this code"):
+        run_generate(config(*sources, str(out), clips=4))
 
 
 def test_no_valid_background_fails_with_a_clear_message(ray_runtime, sources, tmp_path, shared_data):

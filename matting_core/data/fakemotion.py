@@ -13,7 +13,8 @@ through `f_t, f_{t-1}, ..., f_1` and then through the placement. Each frame is t
 once from the original photo (no blur from re-warping warped frames), and the stored flow is
 the very field that produced the motion, so `warp(alpha_{t-1}, flow_t) == alpha_t` wherever the
 point was visible in frame t-1, up to interpolation. Tracing runs on a grid 8x coarser than the
-frame (the fields are smooth at that scale) and the coordinates are upsampled bilinearly.
+frame (the fields are smooth at that scale) that reaches past the frame's edges, and the
+coordinates are upsampled bilinearly, so the outer pixels are as exact as the others.
 """
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ import numpy as np
 from matting_core.data.clips import Clip
 from matting_core.data.sources import Photo
 
-__all__ = ["MotionConfig", "AugmentConfig", "FakeMotionConfig", "synthesize_clip", "clip_rng"]
+__all__ = ["GENERATOR_VERSION", "MotionConfig", "AugmentConfig", "FakeMotionConfig", "synthesize_clip", "clip_rng"]
+
+# Bump whenever synthesis makes something else from the same inputs, config and seed: it enters
+# the dataset fingerprint, so `generate` never resumes a dataset with shards of another version.
+# 1: datasets that record no version; 2: motion grids reach the frame edges.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,9 @@ class _MotionField:
         for grid in self.grids:
             g = grid[t]
             gh, gw = g.shape[:2]
-            mx = (flat[..., 0] * ((gw - 1) / self.w)).astype(np.float32)
-            my = (flat[..., 1] * ((gh - 1) / self.h)).astype(np.float32)
+            # corner control points on the outer pixel centres, as for the tracing grid
+            mx = (flat[..., 0] * ((gw - 1) / (self.w - 1))).astype(np.float32)
+            my = (flat[..., 1] * ((gh - 1) / (self.h - 1))).astype(np.float32)
             flow += cv2.remap(g, mx, my, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).reshape(pts.shape)
         return flow
 
@@ -152,14 +159,31 @@ def _shift_path(rng: np.random.Generator, frames: int, size: tuple[int, int], bb
     return (phase[:, None] * target[None, :]).astype(np.float32)
 
 
-def _lowres_points(size: tuple[int, int], factor: int) -> np.ndarray:
-    """Full-resolution coordinates of the pixel centres of a `factor`x smaller grid, [h, w, 2]."""
-    w, h = size
-    lw, lh = -(-w // factor), -(-h // factor)
-    xs = (np.arange(lw, dtype=np.float32) + 0.5) * (w / lw) - 0.5
-    ys = (np.arange(lh, dtype=np.float32) + 0.5) * (h / lh) - 0.5
-    gx, gy = np.meshgrid(xs, ys)
-    return np.stack([gx, gy], axis=-1)
+class _ControlGrid:
+    """Points every `factor` pixels covering the frame and one step beyond each edge, and the
+    bilinear upsampling of values on them to every pixel of the frame.
+
+    A resize by an integer factor puts coarse sample i at full-resolution x = factor*(i+0.5) - 0.5
+    and clamps beyond the outermost samples. A grid inside the frame only would leave its outer
+    ~factor/2 pixels copies of the outermost values, with the wrong motion and flow; with the
+    ring of points outside, every pixel is interpolated between real samples.
+    """
+
+    def __init__(self, size: tuple[int, int], factor: int):
+        w, h = size
+        self.size, self.factor = size, factor
+        lw, lh = -(-w // factor) + 2, -(-h // factor) + 2
+        xs = (np.arange(lw, dtype=np.float32) - 0.5) * factor - 0.5
+        ys = (np.arange(lh, dtype=np.float32) - 0.5) * factor - 0.5
+        gx, gy = np.meshgrid(xs, ys)
+        self.points = np.stack([gx, gy], axis=-1)  # [lh, lw, 2] full-resolution (x, y)
+
+    def upsample(self, values: np.ndarray) -> np.ndarray:
+        """float32 [lh, lw, 2] at the points -> float32 [H, W, 2] at every pixel of the frame."""
+        (w, h), f = self.size, self.factor
+        lh, lw = values.shape[:2]
+        padded = cv2.resize(values, (lw * f, lh * f), interpolation=cv2.INTER_LINEAR)
+        return padded[f:f + h, f:f + w]
 
 
 def _colour_matrix(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
@@ -237,17 +261,16 @@ def synthesize_clip(photo: Photo, background: np.ndarray, cfg: FakeMotionConfig,
     field = _MotionField(mc, T, (W, H), ((bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2), shift, rng)
 
     # Trace every frame back to frame 0 on a coarse grid, then upsample the coordinates.
-    factor = 8
-    pts = _lowres_points((W, H), factor)
+    grid = _ControlGrid((W, H), 8)
     canon, flows = [], [np.zeros((H, W, 2), np.float32)]
     for t in range(T):
-        p = pts.copy()
+        p = grid.points.copy()
         for k in range(t, 0, -1):
             f = field(k, p)
             if k == t:
-                flows.append(cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR))
+                flows.append(grid.upsample(f))
             p += f
-        canon.append(cv2.resize(p, (W, H), interpolation=cv2.INTER_LINEAR))
+        canon.append(grid.upsample(p))
 
     # Photometric augmentation parameters, fixed for the clip.
     ac = cfg.augment
