@@ -119,3 +119,10 @@ def remove(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any password in its user-info replaced by `***` (`http://user:***@host/...`)."""
+    import re
+
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", str(uri))

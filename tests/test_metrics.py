@@ -198,3 +198,20 @@ def test_sequence_metrics_averaging_rules():
     assert "messddt" not in seq.frames[0] and seq.frames[0]["dtssd"] == 0.0
     with pytest.raises(ValueError, match="unknown metrics"):
         M.SequenceMetrics(metrics=("mad", "bogus"))
+
+
+def test_mad_edge_measures_only_the_band_around_partly_transparent_truth():
+    true = np.zeros((288, 512), np.float32)
+    true[:, :256] = 1.0
+    true[:, 256] = 0.5  # the one partly transparent column
+    band = M.edge_band(true)
+    assert band[:, 246:267].all() and not band[:, :245].any() and not band[:, 268:].any()
+    pred = true.copy()
+    pred[:, 256] = 1.0        # 0.5 off on the edge column (21 band columns)
+    pred[:, 400:410] = 1.0    # far from the edge: counts in mad, not in mad_edge
+    assert M.mad_edge(pred, true) == pytest.approx(1e3 * 0.5 / 21, rel=1e-6)
+    assert M.mad(pred, true) > M.mad_edge(pred, true) * 0.2
+    # The band grows with the frame: 20 px at 1024x576.
+    big = np.kron(true, np.ones((2, 2), np.float32))
+    assert M.edge_band(big)[0].sum() == 2 + 2 * 20  # two soft columns, 20 px either side
+    assert M.mad_edge(np.ones((4, 4)), np.ones((4, 4))) == 0.0  # no soft pixel: no band
