@@ -1,109 +1,119 @@
-"""Typed job configs: dataclass defaults, then a YAML file, then CLI flags, in that order."""
+"""Typed job configs: dataclass defaults, then a YAML file, then CLI flags, in that order.
+
+Configs are frozen stdlib dataclasses next to the code that uses them; pydantic validates them
+(strictly: "5" is not an int, a list is not a string) and names the dotted key at fault. Each
+command's flags are generated from its config's fields: the help comes from `option(...)`
+metadata, the default is appended from the dataclass itself, and `Flag` reaches nested fields.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, Literal, Mapping, NamedTuple, TypeVar
 
+import pydantic
 import yaml
 
+from matting_core import storage
+
 C = TypeVar("C")
+
+_DEST = "cfg:"  # argparse dests holding config values start with this, then the dotted key
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the job's config type."""
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    if value is None:
-        return None
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(args[0], value, name) if len(args) == 1 else value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return build(tp, value, prefix=f"{name}.")
-    if origin in (tuple, list):
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.replace("x", ",").split(",") if v] if args and args[0] is int else value.split(",")
-        items = [_coerce(args[0] if args else Any, v, name) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is bool and isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}: expected true/false, got {value!r}")
-    if tp in (int, float, str):
-        try:
-            return tp(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from exc
-    return value
+class Flag(NamedTuple):
+    """A flag for a nested field (`--frames` for `fakemotion.frames`), whose class carries no help."""
+
+    flag: str
+    key: str
+    help: str
+    metavar: str | None = None
 
 
-def build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
-    """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-                          f"known: {', '.join(sorted(fields))}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
+def option(default: Any, help: str, *, metavar: str | None = None, flags: tuple[str, ...] = (),
+           positional: bool = False, repeat: bool = False, cli: bool = True) -> Any:
+    """A dataclass field with its flag's help and, where it differs from `--field-name`, its spelling.
+
+    Args:
+        default: the field's default (immutable: configs are frozen).
+        help: the flag's help; the default is appended automatically.
+        metavar: the value's name in --help.
+        flags: option strings instead of `--field-name` (e.g. `("-o", "--out")`).
+        positional: an optional positional argument (`metavar` is its name) instead of a flag.
+        repeat: a repeatable flag, each occurrence one item, instead of one comma-separated value.
+        cli: False for a YAML-only key.
+    """
+    meta = {"help": help, "metavar": metavar, "flags": flags, "positional": positional, "repeat": repeat, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
 
 
-def merge(cls: type[C], base: C, values: dict[str, Any]) -> C:
-    """Return `base` with the (nested) mapping `values` applied on top."""
-    current = to_dict(base)
-    _deep_update(current, values)
-    return build(cls, current)
+# --- building and validating -------------------------------------------------------------------
+
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
 
 
-def _deep_update(dst: dict, src: dict) -> None:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _deep_update(dst[key], value)
-        else:
-            dst[key] = value
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Validate a (nested) mapping into `cls`; missing keys take their defaults."""
+    # JSON mode: strict there still takes arrays for tuples and objects for nested dataclasses.
+    blob = json.dumps(data, default=str)
+    try:
+        return _adapter(cls).validate_json(blob, strict=True, extra="forbid")
+    except pydantic.ValidationError as exc:
+        raise ConfigError("; ".join(_describe(cls, err) for err in exc.errors())) from None
+
+
+def _describe(cls: type, err: dict) -> str:
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = [f.name for f in dataclasses.fields(_type_at(cls, ".".join(map(str, err["loc"][:-1]))))]
+        return f"{key}: unknown key (known there: {', '.join(known)})"
+    return f"{key}: {err['msg'][:1].lower()}{err['msg'][1:]}, got {err['input']!r}"
+
+
+def load(cls: type[C], uri: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Defaults of `cls`, then the YAML file at `uri` (any storage URI), then `overrides` (dotted keys)."""
+    data = _read_yaml(str(uri)) if uri else {}
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[leaf] = value
+    return from_dict(cls, data)
+
+
+def _read_yaml(uri: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise ConfigError(f"{uri}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{uri}: cannot read the config file: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{uri}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri}: expected a YAML mapping at the top level")
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-safe nested dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def load(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults of `cls`, then the YAML file at `path`, then `overrides` (dotted keys allowed)."""
-    cfg = cls()
-    if path:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-        cfg = merge(cls, cfg, data)
-    if overrides:
-        nested: dict[str, Any] = {}
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            node = nested
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        cfg = merge(cls, cfg, nested)
-    return cfg
 
 
 def require(cfg: Any, labels: dict[str, str]) -> None:
@@ -113,11 +123,101 @@ def require(cfg: Any, labels: dict[str, str]) -> None:
         raise ConfigError(f"missing {', '.join(missing)} (give them as arguments or in --config)")
 
 
-def overrides_from_args(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
-    """Collect CLI flags that were given (not None) into dotted config keys via `mapping`."""
-    out = {}
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out[key] = value
-    return out
+# --- the command line --------------------------------------------------------------------------
+
+def add_command(subparsers, name: str, cls: type, run: Callable[[argparse.Namespace], int], *,
+                help: str, description: str | None, epilog: str | None,
+                nested: tuple[Flag, ...] = ()) -> argparse.ArgumentParser:
+    """Register subcommand `name`: `--config`, one flag per field of `cls` and per `nested` Flag."""
+    p = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help=f"YAML file (local path or URI) with {cls.__name__} keys; flags override it")
+    defaults, hints = cls(), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) or not f.metadata.get("cli", True):
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: declare it with option(..., help) or option(..., cli=False)")
+        _add_flag(p, f.name, hints[f.name], getattr(defaults, f.name), f.metadata)
+    for n in nested:
+        value = functools.reduce(getattr, n.key.split("."), defaults)
+        _add_flag(p, n.key, _type_at(cls, n.key), value, {"help": n.help, "metavar": n.metavar, "flags": (n.flag,)})
+    p.set_defaults(run=run)
+    return p
+
+
+def from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config of a parsed command line: defaults < `--config` < the flags given."""
+    given = {k[len(_DEST):]: v for k, v in vars(args).items() if k.startswith(_DEST) and v is not None}
+    return load(cls, args.config, given)
+
+
+def _add_flag(p: argparse.ArgumentParser, key: str, tp: Any, default: Any, meta: Mapping[str, Any]) -> None:
+    """One argument for config key `key` of type `tp`, spelled and described as `meta` (see option)."""
+    repeat, shown = meta.get("repeat", False), _shown(default)
+    text = meta["help"] + (" (repeatable)" if repeat else "") + (f" (default: {shown})" if shown else "")
+    kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}  # argparse expands %-formats in help
+    if meta.get("positional"):
+        p.add_argument(_DEST + key, nargs="?", metavar=meta["metavar"], type=_parser(tp, False)[0], **kwargs)
+        return
+    names = meta.get("flags") or ("--" + key.rsplit(".", 1)[-1].replace("_", "-"),)
+    kwargs.update(dest=_DEST + key, default=None)  # None: not given, so the file or the default stands
+    if _strip_none(tp) is bool:
+        p.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    parse, choices = _parser(tp, repeat)
+    p.add_argument(*names, action="append" if repeat else "store", type=parse, choices=choices,
+                   metavar=meta.get("metavar"), **kwargs)
+
+
+def _parser(tp: Any, repeat: bool) -> tuple[Callable[[str], Any], tuple | None]:
+    """(text -> value for argparse, choices) for a field type; pydantic checks the value after."""
+    tp = _strip_none(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return type(args[0]), args
+    if origin in (tuple, list):
+        item = args[0] if args else str
+        if repeat:
+            return _parser(item, False)[0], None
+        return _split(item), None
+    return tp, None
+
+
+def _split(item: type) -> Callable[[str], tuple]:
+    # numbers read as WxH or a,b (512x288); anything else as a comma-separated list (pha,fgr)
+    def parse(text: str) -> tuple:
+        parts = text.replace("x", ",").split(",") if item in (int, float) else text.split(",")
+        try:
+            return tuple(item(p.strip()) for p in parts if p.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {item.__name__}s separated by 'x' or ',', got {text!r}") from None
+    return parse
+
+
+def _shown(default: Any) -> str | None:
+    """A default as the user would type it, or None where the help says what unset means."""
+    if default is None or default == "" or default == ():
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (tuple, list)):
+        numbers = all(isinstance(v, (int, float)) for v in default)
+        return ("x" if numbers else ",").join(map(str, default))
+    return str(default)
+
+
+def _strip_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp
+    return tp
+
+
+def _type_at(cls: type, key: str) -> Any:
+    """The annotated type of the dotted field `key` of dataclass `cls` ("" is `cls`)."""
+    tp = cls
+    for part in filter(None, key.split(".")):
+        tp = typing.get_type_hints(tp)[part]
+    return tp

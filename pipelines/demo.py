@@ -18,21 +18,23 @@ import time
 from dataclasses import dataclass
 
 from pipelines import config as cfglib
+from pipelines.config import option
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Configuration of `matting demo`."""
 
-    out: str = "demo-output"
-    clips: int = 48
-    workers: int = 2
-    seed: int = 0
-    photos: int = 12
-    videos: int = 3
-    benchmark_clips: int = 2
-    benchmark_frames: int = 24
-    model: str = ""
+    out: str = option("demo-output", "output folder", metavar="DIR")
+    clips: int = option(48, "clips to generate", metavar="N")
+    workers: int = option(2, "Ray workers", metavar="N")
+    seed: int = option(0, "seed of the sources, the dataset and the benchmark", metavar="S")
+    photos: int = option(12, "procedural photos to make", metavar="N")
+    videos: int = option(3, "procedural background videos to make", metavar="N")
+    benchmark_clips: int = option(2, "benchmark clips", metavar="N")
+    benchmark_frames: int = option(24, "frames per benchmark clip", metavar="T")
+    model: str = option("", "checkpoint or models:/ reference to matte with (unset: a fresh, untrained one)",
+                        metavar="REF")
 
 
 def _fresh_checkpoint(path: str) -> str:
@@ -127,22 +129,19 @@ def run_demo(cfg: DemoConfig) -> int:
     return status
 
 
+EPILOG = """examples:
+  matting demo
+  matting demo --out /tmp/demo --clips 200
+  matting demo --model checkpoints/model.pt
+"""
+
+
 def add_parser(sub) -> None:
     """Register `matting demo`."""
-    p = sub.add_parser("demo", help="run the whole pipeline on embedded defaults",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  matting demo\n  matting demo --out /tmp/demo --clips 200\n"
-                              "  matting demo --model checkpoints/model.pt\n")
-    p.add_argument("--config", help="YAML file with DemoConfig fields")
-    p.add_argument("--out", help="output folder (default demo-output)")
-    p.add_argument("--clips", type=int, help="clips to generate (default 48)")
-    p.add_argument("--workers", type=int, help="Ray workers (default 2)")
-    p.add_argument("--model", help="checkpoint or models:/ reference to matte with (default: a fresh, untrained one)")
-    p.set_defaults(run=run)
+    cfglib.add_command(sub, "demo", DemoConfig, run, help="run the whole pipeline on embedded defaults",
+                       description=__doc__, epilog=EPILOG)
 
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry."""
-    cfg = cfglib.load(DemoConfig, args.config, cfglib.overrides_from_args(
-        args, {"out": "out", "clips": "clips", "workers": "workers", "model": "model"}))
-    return run_demo(cfg)
+    return run_demo(cfglib.from_args(DemoConfig, args))

@@ -13,7 +13,11 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines import config as cfglib
+from pipelines.config import option
 
 log = logging.getLogger("matting.evaluate")
 
@@ -35,65 +39,35 @@ Exit status: 0 all evaluated, 3 something could not be evaluated (listed), 2 usa
 """
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Settings of one evaluation (YAML keys match the field names)."""
 
-    true: str = ""
-    pred: list[str] = field(default_factory=list)
-    model: str = ""
-    data: str = ""
-    out: str = "evaluation.json"
-    metrics: list[str] = field(default_factory=lambda: list(ALL_METRICS))
-    baselines: list[str] = field(default_factory=lambda: ["auto"])
-    prior_weights: str = "default"
-    threshold: float = 0.5
-    device: str = "auto"
-    worst_frames: int = 6
-    max_clips: int = 0
-    log_to_mlflow: str = ""
-    tracking_uri: str = ""
-
-
-FLAGS = {"true": "true", "pred": "pred", "model": "model", "data": "data", "out": "out",
-         "metrics": "metrics", "baselines": "baselines", "prior_weights": "prior_weights",
-         "threshold": "threshold", "device": "device", "worst_frames": "worst_frames",
-         "max_clips": "max_clips", "log_to_mlflow": "log_to_mlflow", "tracking_uri": "tracking_uri"}
+    true: str = option("", "ground truth in the benchmark layout DIR/<clip>/{com,pha,fgr}/", metavar="DIR")
+    pred: tuple[str, ...] = option((), "predictions of one method; NAME defaults to the "
+                                       "folder name", metavar="[NAME=]DIR", repeat=True)
+    model: str = option("", "model to run: models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint", metavar="REF")
+    data: str = option("", "benchmark folder or clip dataset to run --model on", metavar="DIR_OR_URI")
+    out: str = option("evaluation.json", "report path; PATH.csv and PATH.html go beside it", metavar="PATH.json")
+    metrics: tuple[str, ...] = option(ALL_METRICS, "comma-separated metrics to compute", metavar="LIST")
+    baselines: tuple[str, ...] = option(("auto",), "priors to evaluate alone beside the methods: auto (every "
+                                                   "available one), none, or a list of selfie,deeplabv3",
+                                        metavar="LIST")
+    prior_weights: str = option("default", "weights of the baseline priors: default|none|PATH", metavar="W")
+    threshold: float = option(0.5, "threshold of the thresholded baselines", metavar="T")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "where the model runs")
+    worst_frames: int = option(6, "worst frames per method in the contact sheet", metavar="N")
+    max_clips: int = option(0, "evaluate only the first N clips; 0: all", metavar="N")
+    log_to_mlflow: str = option("", "MLflow run id to attach metrics and report files to", metavar="RUN")
+    tracking_uri: str = option("", "MLflow tracking URI (unset: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+                               metavar="URI")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `matting evaluate`."""
-    p = subparsers.add_parser(
-        "evaluate", help="metrics over a benchmark layout; several methods ranked side by side",
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file (flags override it)")
-    p.add_argument("--true", metavar="DIR", help="ground truth in the benchmark layout DIR/<clip>/{com,pha,fgr}/")
-    p.add_argument("--pred", metavar="[NAME=]DIR", action="append",
-                   help="predictions of one method (repeat for several); NAME defaults to the folder name")
-    p.add_argument("--model", metavar="REF", help="model to run: models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint")
-    p.add_argument("--data", metavar="DIR_OR_URI", help="benchmark folder or clip dataset to run --model on")
-    p.add_argument("--out", metavar="PATH.json", help="report path; PATH.csv and PATH.html go beside it "
-                                                      "(default evaluation.json)")
-    p.add_argument("--metrics", metavar="LIST", help=f"comma-separated subset of {','.join(ALL_METRICS)}")
-    p.add_argument("--baselines", metavar="LIST",
-                   help="priors to evaluate alone beside the methods: auto (every available one), "
-                        "none, or a list of selfie,deeplabv3")
-    p.add_argument("--prior-weights", metavar="W", help="weights of the baseline priors: default|none|PATH")
-    p.add_argument("--threshold", type=float, help="threshold of the thresholded baselines (default 0.5)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
-    p.add_argument("--worst-frames", type=int, metavar="N", help="worst frames per method in the contact sheet (default 6)")
-    p.add_argument("--max-clips", type=int, metavar="N", help="evaluate only the first N clips (0: all)")
-    p.add_argument("--log-to-mlflow", metavar="RUN", help="MLflow run id to attach metrics and report files to")
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI "
-                                                         "or sqlite:///mlflow.db)")
-    p.set_defaults(run=run)
-    return p
-
-
-def _config(args: argparse.Namespace) -> EvaluateConfig:
-    from pipelines.config import load, overrides_from_args
-
-    return load(EvaluateConfig, getattr(args, "config", None), overrides_from_args(args, FLAGS))
+    return cfglib.add_command(subparsers, "evaluate", EvaluateConfig, run,
+                              help="metrics over a benchmark layout; several methods ranked side by side",
+                              description=__doc__, epilog=EPILOG)
 
 
 def _parse_pred(spec: str) -> tuple[str, str]:
@@ -229,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; print the table; write the reports; exit 0, 3 (something not evaluated) or 1."""
     from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
 
-    cfg = _config(args)
+    cfg = cfglib.from_args(EvaluateConfig, args)
     if bool(cfg.true) == bool(cfg.data):
         raise UsageError("give either --true DIR --pred [NAME=]DIR ... or --model REF --data DIR_OR_URI")
     if cfg.true and not cfg.pred:

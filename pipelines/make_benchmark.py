@@ -11,6 +11,10 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from matting_core.data.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
+from pipelines import config as cfglib
+from pipelines.config import option
+
 log = logging.getLogger("matting.make_benchmark")
 
 EPILOG = """\
@@ -27,68 +31,49 @@ Exit status: 0 all clips written, 3 some clips failed (listed), 2 usage, 1 nothi
 """
 
 
-@dataclass
+@dataclass(frozen=True)
 class MakeBenchmarkConfig:
-    """Settings of `make-benchmark` (YAML keys match the field names)."""
+    """Settings of `make-benchmark` (YAML keys match the field names; clip knobs under `benchmark:`)."""
 
-    photos: list[str] = field(default_factory=list)
-    backgrounds: list[str] = field(default_factory=list)
-    out: str = ""
-    clips: int = 8
-    frames: int = 30
-    size: tuple[int, ...] = (512, 288)
-    seed: int = 0
-    still_share: float = 0.3
-    overwrite: bool = False
+    photos: tuple[str, ...] = option((), "photos with alpha: image/+alpha/ folders, RGBA images or a CSV/Parquet "
+                                         "manifest", metavar="URI", repeat=True)
+    backgrounds: tuple[str, ...] = option((), "background videos or frame folders", metavar="URI", repeat=True)
+    out: str = option("", "output folder (local or s3://)", metavar="DIR")
+    overwrite: bool = option(False, "replace a benchmark made with another configuration")
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
-FLAGS = {"photos": "photos", "backgrounds": "backgrounds", "out": "out", "clips": "clips",
-         "frames": "frames", "size": "size", "seed": "seed", "still_share": "still_share",
-         "overwrite": "overwrite"}
+_NESTED = (
+    cfglib.Flag("--clips", "benchmark.clips", "number of clips", "N"),
+    cfglib.Flag("--frames", "benchmark.frames", "frames per clip", "T"),
+    cfglib.Flag("--size", "benchmark.size", "frame size", "WxH"),
+    cfglib.Flag("--seed", "benchmark.seed", "seed; the same sources and seed give the same clips", "S"),
+    cfglib.Flag("--still-share", "benchmark.still_share",
+                "share of each clip during which the subject holds still, in [0, 1); 0: always moving", "F"),
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `matting make-benchmark`."""
-    p = subparsers.add_parser(
-        "make-benchmark", help="composited evaluation clips with exact alpha (benchmark layout)",
-        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file (flags override it)")
-    p.add_argument("--photos", metavar="URI", action="append",
-                   help="photos with alpha: image/+alpha/ folders, RGBA images or a CSV/Parquet manifest (repeatable)")
-    p.add_argument("--backgrounds", metavar="URI", action="append",
-                   help="background videos or frame folders (repeatable)")
-    p.add_argument("--out", metavar="DIR", help="output folder (local or s3://)")
-    p.add_argument("--clips", type=int, metavar="N", help="number of clips (default 8)")
-    p.add_argument("--frames", type=int, metavar="T", help="frames per clip (default 30)")
-    p.add_argument("--size", metavar="WxH", help="frame size (default 512x288)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed; the same sources and seed give the same clips (default 0)")
-    p.add_argument("--still-share", type=float, metavar="F",
-                   help="share of each clip during which the subject holds still, in [0, 1) (default 0.3; 0: always moving)")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace a benchmark made with another configuration")
-    p.set_defaults(run=run)
-    return p
+    return cfglib.add_command(subparsers, "make-benchmark", MakeBenchmarkConfig, run,
+                              help="composited evaluation clips with exact alpha (benchmark layout)",
+                              description=__doc__, epilog=EPILOG, nested=_NESTED)
 
 
 def run(args: argparse.Namespace) -> int:
     """Make the benchmark; exit 0 (all written), 3 (some clips failed) or 1 (none written)."""
     from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
-    from pipelines.config import load, overrides_from_args
 
-    cfg = load(MakeBenchmarkConfig, getattr(args, "config", None), overrides_from_args(args, FLAGS))
+    cfg = cfglib.from_args(MakeBenchmarkConfig, args)
+    bcfg = cfg.benchmark
     if not cfg.photos or not cfg.backgrounds or not cfg.out:
         raise UsageError("--photos, --backgrounds and --out are required")
-    if len(cfg.size) != 2 or min(cfg.size) < 16:
-        raise UsageError(f"--size must be WxH with both at least 16, got {cfg.size}")
-    if cfg.clips < 1 or cfg.frames < 2:
+    if min(bcfg.size) < 16:
+        raise UsageError(f"--size must be WxH with both at least 16, got {bcfg.size}")
+    if bcfg.clips < 1 or bcfg.frames < 2:
         raise UsageError("--clips must be >= 1 and --frames >= 2")
-    if not 0.0 <= cfg.still_share < 1.0:
-        raise UsageError(f"--still-share must be in [0, 1), got {cfg.still_share}")
-
-    from matting_core.data.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
-
-    bcfg = BenchmarkConfig(clips=cfg.clips, frames=cfg.frames, size=(int(cfg.size[0]), int(cfg.size[1])),
-                           seed=cfg.seed, still_share=cfg.still_share)
+    if not 0.0 <= bcfg.still_share < 1.0:
+        raise UsageError(f"--still-share must be in [0, 1), got {bcfg.still_share}")
 
     def on_problem(r):
         print(f"matting make-benchmark: {r.uri}: {r.reason}", file=sys.stderr)
@@ -97,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("clip %s written", name)
 
     try:
-        summary = make_benchmark(cfg.photos, cfg.backgrounds, cfg.out, bcfg, overwrite=cfg.overwrite,
+        summary = make_benchmark(list(cfg.photos), list(cfg.backgrounds), cfg.out, bcfg, overwrite=cfg.overwrite,
                                  on_problem=on_problem, on_clip=on_clip)
     except ConfigMismatch as exc:
         raise UsageError(str(exc)) from exc

@@ -6,10 +6,11 @@ import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
+from pipelines import config as cfglib
 from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
-from pipelines.config import load, overrides_from_args, require, to_dict
+from pipelines.config import option, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -25,35 +26,34 @@ class MatteConfig:
     most `max_side`. `fps` unset takes the video's (frame folders default to 25).
     """
 
-    video: str = ""
-    out: str = ""
-    model: str = ""
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    prior: str | None = None
-    prior_weights: str | None = None
-    smooth_prior: bool | None = None
-    smooth_alpha: bool = False
-    device: str = "auto"
-    amp: bool = True
-    alpha_bits: int = 8
-    composite_bg: str = "green"
-    downsample_ratio: float | None = None
-    max_side: int = 512
-    fps: float | None = None
-    threads: int = 0
-    encoder_threads: int | None = None
-    writer_thread: bool = True
-    progress: bool | None = None
+    video: str = option("", "video file or folder of numbered PNG/JPEG frames", metavar="VIDEO", positional=True)
+    out: str = option("", "output folder (or URI); results go to OUT/<video stem>/", metavar="OUT",
+                      flags=("-o", "--out"))
+    model: str = option("", "checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION", metavar="REF")
+    formats: tuple[str, ...] = option(DEFAULT_FORMATS, "comma-separated subset of pha,fgr,rgba.mov,rgba.webm,"
+                                                       "composite.mp4", metavar="LIST")
+    prior: Literal["selfie", "deeplabv3", "none"] | None = option(
+        None, "person prior (unset: the one the checkpoint records)")
+    prior_weights: str | None = option(None, "prior weights: default, none or a PATH (unset: the checkpoint's)",
+                                       metavar="W")
+    smooth_prior: bool | None = option(None, "motion-compensated smoothing of the prior before the network "
+                                             "(unset: as the checkpoint records)")
+    smooth_alpha: bool = option(False, "also smooth the output alpha along the motion")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "where the network runs")
+    amp: bool = option(True, "mixed precision on CUDA")
+    alpha_bits: Literal[8, 16] = option(8, "bits of pha/*.png")
+    composite_bg: str = option("green", "COLOR|IMAGE|VIDEO behind composite.mp4", metavar="BG")
+    downsample_ratio: float | None = option(None, "network input scale in (0,1] (unset: longer side at most "
+                                                  "--max-side)", metavar="R")
+    max_side: int = option(512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
+    fps: float | None = option(None, "frame rate of the outputs (unset: the video's; 25 for frame folders)",
+                               metavar="FPS")
+    threads: int = option(0, "CPU threads for the network; 0: all", metavar="N")
+    encoder_threads: int | None = option(None, "threads per video encoder (unset: 1 for frames up to 640x480 "
+                                               "matted on the CPU, else FFmpeg's choice)", metavar="N")
+    writer_thread: bool = option(True, "encode outputs in a thread, overlapping them with matting")
+    progress: bool | None = option(None, "progress bar (unset: when stderr is a terminal)")
 
-
-_FLAGS = {
-    "video": "video", "out": "out", "model": "model", "formats": "formats", "prior": "prior",
-    "prior_weights": "prior_weights", "smooth_prior": "smooth_prior", "smooth_alpha": "smooth_alpha",
-    "device": "device", "amp": "amp", "alpha_bits": "alpha_bits", "composite_bg": "composite_bg",
-    "downsample_ratio": "downsample_ratio", "max_side": "max_side", "fps": "fps", "threads": "threads",
-    "encoder_threads": "encoder_threads", "writer_thread": "writer_thread",
-    "progress": "progress",
-}
 
 EPILOG = """\
 examples:
@@ -78,57 +78,20 @@ exit status: 0 all frames matted, 3 some frames could not be read (listed in res
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `matting matte`."""
-    p = subparsers.add_parser(
-        "matte", help="matte one video or frame folder locally",
+    return cfglib.add_command(
+        subparsers, "matte", MatteConfig, run, help="matte one video or frame folder locally",
         description="Matte one video (or folder of numbered frames) with a trained model, streaming "
-                    "frame by frame in constant memory, and write the requested formats.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("video", nargs="?", default=None, help="video file or folder of numbered PNG/JPEG frames")
-    p.add_argument("-o", "--out", default=None, help="output folder (or URI); results go to OUT/<video stem>/")
-    p.add_argument("--model", default=None, help="checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--formats", default=None,
-                   help="comma-separated: pha,fgr,rgba.mov,rgba.webm,composite.mp4 (default pha,fgr,rgba.webm)")
-    p.add_argument("--prior", default=None, choices=["selfie", "deeplabv3", "none"],
-                   help="person prior (default: the one the checkpoint records)")
-    p.add_argument("--prior-weights", default=None, help="prior weights: default, none or a PATH")
-    p.add_argument("--no-smooth-prior", dest="smooth_prior", action="store_const", const=False, default=None,
-                   help="feed the raw prior to the network (no motion-compensated smoothing)")
-    p.add_argument("--smooth-alpha", action="store_const", const=True, default=None,
-                   help="also smooth the output alpha along the motion")
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default auto")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
-                   help="full precision on CUDA")
-    p.add_argument("--alpha-bits", type=int, default=None, choices=[8, 16], help="bits of pha/*.png (default 8)")
-    p.add_argument("--composite-bg", default=None, help="COLOR|IMAGE|VIDEO behind composite.mp4 (default green)")
-    p.add_argument("--downsample-ratio", type=float, default=None,
-                   help="network input scale in (0,1] (default: longer side at most --max-side)")
-    p.add_argument("--max-side", type=int, default=None, help="longer side of the network input when automatic (512)")
-    p.add_argument("--fps", type=float, default=None, help="frame rate of the outputs (default: the video's; 25 for frame folders)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network (default: all)")
-    p.add_argument("--encoder-threads", type=int, default=None,
-                   help="threads per video encoder (default: 1 for frames up to 640x480 matted on the CPU, "
-                        "else FFmpeg's choice)")
-    p.add_argument("--no-writer-thread", dest="writer_thread", action="store_const", const=False, default=None,
-                   help="encode outputs in the main thread instead of overlapping them with matting")
-    p.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
-                   help="show the progress bar even when stderr is not a terminal")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   help="never show the progress bar")
-    p.add_argument("--config", default=None, help="YAML file with MatteConfig fields")
-    p.set_defaults(run=run)
-    return p
+                    "frame by frame in constant memory, and write the requested formats.", epilog=EPILOG)
 
 
 def _config(args: argparse.Namespace) -> MatteConfig:
-    cfg = load(MatteConfig, args.config, overrides_from_args(args, _FLAGS))
-    require(cfg, {"VIDEO": "video", "-o/--out": "out", "--model": "model"})
+    cfg = cfglib.from_args(MatteConfig, args)
+    cfglib.require(cfg, {"VIDEO": "video", "-o/--out": "out", "--model": "model"})
     from matting_core.inference.outputs import parse_formats
     try:
         formats = parse_formats(cfg.formats)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if cfg.alpha_bits not in (8, 16):
-        raise UsageError(f"--alpha-bits must be 8 or 16, got {cfg.alpha_bits}")
     if cfg.downsample_ratio is not None and not 0.0 < cfg.downsample_ratio <= 1.0:
         raise UsageError(f"--downsample-ratio must be in (0, 1], got {cfg.downsample_ratio}")
     if cfg.fps is not None and cfg.fps <= 0:
