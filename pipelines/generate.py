@@ -45,7 +45,7 @@ class GenerateConfig:
     jpeg_quality: int = option(95, "JPEG quality of frames, fgr and bgr", metavar="Q")
     overwrite: bool = option(False, "replace a dataset made with another configuration")
     cache_mb: int = option(1024, "background frame cache per worker, in MiB", metavar="MB")
-    progress: bool = option(True, "progress bar (the CLI shows it when stderr is a terminal)", cli=False)
+    progress: bool = option(True, "progress bar, when stderr is a terminal")
     fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
 
 
@@ -393,7 +393,6 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: run the job and print the summary."""
     cfg = cfglib.from_args(GenerateConfig, args)
-    cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
     try:
         summary = run_generate(cfg)
     except GenerateRefused as exc:
