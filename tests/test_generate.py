@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matting_core import storage
 from matting_core.data.clips import iter_clips, list_shards
-from pipelines import config as cfglib
 from pipelines.generate import GenerateConfig, GenerateRefused, run_generate
 from tests.conftest import shared_path
 
@@ -94,9 +92,13 @@ def test_local_run_writes_a_readable_dataset_and_lists_every_bad_input(two_worke
     assert "declares 795 frames but only 194" in by_name["truncated-video.avi"]
     assert "three-frames.mp4" not in by_name  # short but valid: played ping-pong
     # every good input is usable: the plan draws from all 5 photos and both videos
-    used_photos = {os.path.basename(c.photo) for c in clips.values()}
-    assert used_photos <= {"p_015cd10e.jpg", "p_07141906.jpg", "p_0865636e.jpg", "GT01.png", "GT04.png"}
+    good_photos = {"p_015cd10e.jpg", "p_07141906.jpg", "p_0865636e.jpg", "GT01.png", "GT04.png"}
+    good_videos = {"bikes.mp4", "three-frames.mp4"}
     assert manifest["counts"]["photos_valid"] == 5 and manifest["counts"]["backgrounds_valid"] == 2
+    assert {os.path.basename(u) for u in manifest["sources"]["photos"]} == good_photos
+    assert {os.path.basename(u) for u in manifest["sources"]["backgrounds"]} == good_videos
+    assert {os.path.basename(c.photo) for c in clips.values()} == good_photos
+    assert {os.path.basename(c.background) for c in clips.values()} == good_videos
     assert "clips/s" in summary.message and "rejected" in summary.message
 
 
