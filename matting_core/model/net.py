@@ -169,8 +169,14 @@ class MattingNet(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, src: torch.Tensor, prior: torch.Tensor, state: Optional[List[torch.Tensor]] = None,
-                downsample_ratio: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-        """(pha, fgr, state) for frames `src` with person probability `prior`; see the class docstring."""
+                downsample_ratio: float = 1.0, clamp: bool = True
+                ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """(pha, fgr, state) for frames `src` with person probability `prior`; see the class docstring.
+
+        `clamp=False` returns the residual sums (prior + alpha residual, frame + colour residual)
+        before they are clamped to [0,1]: training computes its losses on them, so a residual that
+        overshoots a saturated prior still gets a gradient (the clamp's is zero there).
+        """
         single = src.dim() == 4
         if single:
             src = src.unsqueeze(1)
@@ -181,10 +187,10 @@ class MattingNet(nn.Module):
         if downsample_ratio != 1.0:
             src_lr = _downsample(src_bt, downsample_ratio)
             prior_lr = _downsample(prior_bt, downsample_ratio)
-            pha_lr, fgr_lr, new_state = self._run(src_lr, prior_lr, B, T, state)
+            pha_lr, fgr_lr, new_state = self._run(src_lr, prior_lr, B, T, state, clamp)
             fgr, pha = self.refiner(src_bt, src_lr, fgr_lr, pha_lr)
         else:
-            pha, fgr, new_state = self._run(src_bt, prior_bt, B, T, state)
+            pha, fgr, new_state = self._run(src_bt, prior_bt, B, T, state, clamp)
         pha = unfold_time(pha, B, T)
         fgr = unfold_time(fgr, B, T)
         if single:
@@ -193,7 +199,8 @@ class MattingNet(nn.Module):
         return pha, fgr, new_state
 
     def _run(self, src: torch.Tensor, prior: torch.Tensor, B: int, T: int,
-             state: Optional[List[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+             state: Optional[List[torch.Tensor]], clamp: bool = True
+             ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """The network at the working resolution: `[B*T,3,h,w]`, `[B*T,1,h,w]` -> pha, fgr `[B*T,.,h,w]`."""
         h, w = src.shape[2], src.shape[3]
         x = torch.cat([src, prior], dim=1)  # [B*T,4,h,w]
@@ -233,8 +240,11 @@ class MattingNet(nn.Module):
             d = level(d, skips[3 - i])
         out = self.head(d, inp)  # [B*T,4,H_pad,W_pad]
         out = out[:, :, :h, :w]
-        pha = (out[:, :1] + prior).clamp(0.0, 1.0)
-        fgr = (out[:, 1:] + src).clamp(0.0, 1.0)
+        pha = out[:, :1] + prior
+        fgr = out[:, 1:] + src
+        if clamp:
+            pha = pha.clamp(0.0, 1.0)
+            fgr = fgr.clamp(0.0, 1.0)
         return pha, fgr, new_state
 
 

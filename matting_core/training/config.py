@@ -1,0 +1,227 @@
+"""The training recipe's configuration: frozen dataclasses and named presets (no config library).
+
+`pipelines` wraps `RecipeConfig` in the job's config and validates it; here it is plain data that
+`recipe_to_dict` turns into JSON-safe dicts (saved with every checkpoint) and `recipe_from_dict`
+reads back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AugmentConfig", "LossWeights", "OptimConfig", "RecipeConfig", "PRESETS", "BN_MODES",
+           "recipe_to_dict", "recipe_from_dict"]
+
+BN_MODES = ("frozen", "sync")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-clip augmentation of training samples (validation samples get none of it).
+
+    Args:
+        size: (W, H) of the training frames; each clip is cropped to this aspect and resized.
+        scale: range of the crop's side as a fraction of the largest crop of that aspect that fits
+            the clip (1.0 = the whole clip, less = a zoomed-in window); drawn once per clip.
+        flip: chance of a horizontal flip (flow x negated).
+        reverse: chance of playing the clip backwards (flow inverted; see `batches.make_sample`).
+        brightness, contrast, saturation, gains: max relative colour change of the composite and
+            the foreground alike (an affine map of RGB, so the compositing equation still holds).
+        background: chance of replacing the clip's background by a procedural scene (textures,
+            boxes, discs, a slow pan and moving objects) composited behind the clip's own F and
+            alpha: the recipe sees more backgrounds than the few videos a dataset was made from.
+    """
+
+    size: tuple[int, int] = (256, 256)
+    scale: tuple[float, float] = (0.5, 1.0)
+    flip: float = 0.5
+    reverse: float = 0.5
+    brightness: float = 0.15
+    contrast: float = 0.15
+    saturation: float = 0.2
+    gains: float = 0.08
+    background: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 8:
+            raise ValueError(f"augment.size must be (W, H) of at least 8 px, got {self.size}")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"augment.scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+        for name in ("flip", "reverse", "background"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms (`losses.matting_losses`); 0 switches a term off.
+
+    Args:
+        l1: alpha L1. laplacian: alpha Laplacian-pyramid L1. grad: alpha Sobel-gradient L1.
+        fgr: foreground L1 where the true alpha is > 0.
+        temporal_warp: predicted alpha_{t-1} warped by the true foreground flow against predicted
+            alpha_t (the change along the flow against the true change along it), where the flow
+            is valid and the truth itself is consistent under it.
+        temporal_diff: dtSSD-like: (pred_t - pred_{t-1}) against (true_t - true_{t-1}), squared.
+        truth_tolerance: |true_t - warp(true_{t-1})| above which the truth counts as inconsistent
+            under the flow (interpolation at edges, disocclusion) and temporal_warp ignores the pixel.
+    """
+
+    l1: float = 1.0
+    laplacian: float = 1.0
+    grad: float = 1.0
+    fgr: float = 0.5
+    temporal_warp: float = 1.0
+    temporal_diff: float = 5.0
+    truth_tolerance: float = 0.1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (per optimizer step).
+
+    Args:
+        lr: peak learning rate of the decoder, ConvLSTMs and head.
+        weight_decay: decoupled weight decay (not applied to biases and norm parameters).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up from lr/warmup_steps to lr.
+        min_lr_ratio: the cosine ends at lr * min_lr_ratio at the last step.
+        grad_clip: max global gradient norm (0: no clipping).
+        encoder_lr_scale: the encoder's lr relative to `lr`. The net starts as the prior (zero
+            last layer); a small step on the encoder keeps it from rewriting features it needs
+            on people it has not seen, which a handful of training people invites.
+        freeze_stages: how many encoder stages (of 5, shallow first) get no gradient at all.
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    encoder_lr_scale: float = 0.1
+    freeze_stages: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.warmup_steps < 0:
+            raise ValueError(f"optim: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0 (got {self})")
+        if not 0 <= self.freeze_stages <= 5:
+            raise ValueError(f"optim.freeze_stages must be in 0..5, got {self.freeze_stages}")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Everything that decides what training does, apart from the data and where things go.
+
+    Args:
+        model: `matting_net` keyword options (architecture widths, `arch`).
+        backbone_weights: `none`, `imagenet` (local torch hub cache) or a PATH.
+        prior: the prior-stream spec the model learns with (`resolve_prior_spec` input); None =
+            today's default, resolved and recorded in the model's config.
+        frames: frames per training sample (a random window of longer clips).
+        batch_size: clips per optimizer step (per worker under DDP).
+        steps: optimizer steps of the whole run (the schedule's length).
+        tbptt: frames per truncated back-propagation chunk (the ConvLSTM state is carried across
+            chunks, detached; gradients of all chunks add up to one step).
+        seed: seeds the model's initialisation, the clip order and every sample's augmentation.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        bn: `frozen` (default): batch-norm statistics are estimated once on training samples
+            before the first step (`engine.calibrate_batch_norm`) and then fixed, so training is
+            independent of the batch size and of how many workers there are, DDP needs no
+            synchronisation of statistics, and `optimize_for_inference` folds exactly what was
+            trained; the affine parameters still learn. `sync`: batch norms in training mode
+            (the caller converts them to SyncBatchNorm under DDP: `engine.prepare_batch_norm`).
+        val_every, checkpoint_every, log_every: in optimizer steps (0: never, except at the end).
+        val_share: share of the photos held out for validation when no validation data is given.
+        val_clips: at most this many validation clips per evaluation.
+        shuffle_buffer: clips held for shuffling while streaming a dataset.
+        bn_calibration_batches: training batches used to estimate frozen batch-norm statistics.
+    """
+
+    model: dict = field(default_factory=dict)
+    backbone_weights: str = "none"
+    prior: dict | None = None
+    frames: int = 4
+    batch_size: int = 2
+    steps: int = 1000
+    tbptt: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    amp: bool = True
+    bn: str = "frozen"
+    val_every: int = 200
+    checkpoint_every: int = 500
+    log_every: int = 10
+    val_share: float = 0.25
+    val_clips: int = 64
+    shuffle_buffer: int = 16
+    bn_calibration_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        for name in ("frames", "batch_size", "steps", "tbptt"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_share < 1.0:
+            raise ValueError(f"val_share must be in [0, 1), got {self.val_share}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def recipe_to_dict(cfg: RecipeConfig) -> dict:
+    """JSON-safe nested dict of `cfg` (tuples as lists); `recipe_from_dict` reads it back."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _build(cls, data: dict):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(names)}")
+    out = {}
+    for key, value in data.items():
+        if isinstance(names[key].default, tuple) and isinstance(value, list):
+            value = tuple(value)  # JSON and YAML give lists
+        out[key] = value
+    return cls(**out)
+
+
+def recipe_from_dict(data: dict) -> RecipeConfig:
+    """A `RecipeConfig` from `recipe_to_dict`'s output (or any subset of its keys)."""
+    data = dict(data)
+    nested = {"augment": AugmentConfig, "loss": LossWeights, "optim": OptimConfig}
+    for key, cls in nested.items():
+        if key in data and isinstance(data[key], dict):
+            data[key] = _build(cls, data[key])
+    return _build(RecipeConfig, data)
+
+
+# cpu-small: what these 2-core machines train in minutes (about 10 frames/s at 256x256, batch 2
+# of 4 frames). The net starts as the prior; what protects it on unseen people with only a few
+# training people: a 10x smaller encoder lr with its first two stages frozen, strong crops,
+# colour jitter, procedural backgrounds for half the clips, and the temporal terms.
+# gpu: what a user with GPUs starts from: 512x288 clips of 12 frames, bf16, 4 clips per GPU.
+PRESETS: dict[str, RecipeConfig] = {
+    "cpu-small": RecipeConfig(
+        frames=4, batch_size=2, steps=1500, tbptt=4,
+        augment=AugmentConfig(size=(256, 256), scale=(0.45, 1.0), background=0.5),
+        optim=OptimConfig(lr=3e-4, warmup_steps=100, encoder_lr_scale=0.1, freeze_stages=2),
+        val_every=250, checkpoint_every=500, log_every=10, val_clips=32),
+    "gpu": RecipeConfig(
+        backbone_weights="imagenet", frames=12, batch_size=4, steps=20000, tbptt=6,
+        augment=AugmentConfig(size=(512, 288), scale=(0.5, 1.0), background=0.3),
+        optim=OptimConfig(lr=5e-4, warmup_steps=500, encoder_lr_scale=0.2, freeze_stages=1),
+        amp=True, val_every=1000, checkpoint_every=2000, log_every=50, val_clips=64, shuffle_buffer=32),
+}

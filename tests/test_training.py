@@ -1,0 +1,361 @@
+"""The training recipe (matting_core.training): batches and augmentation, losses, the step, the loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from matting_core.data.clips import ClipRecord, iter_clips
+from matting_core.evaluation.metrics import warp_bilinear
+from matting_core.flow import warp as np_warp
+from matting_core.model import load_checkpoint
+from matting_core.model.optimize import optimize_for_inference
+from matting_core.prior import ConstantPrior, PriorStream, resolve_prior_spec
+from matting_core.training import (AugmentConfig, LossWeights, OptimConfig, RecipeConfig, PRESETS, collate,
+                                   make_sample, matting_losses, recipe_from_dict, recipe_to_dict, sample_rng, warp)
+from matting_core.training import engine as E
+from matting_core.training.batches import RECORD_COLUMNS, iter_batches
+
+from tests.conftest import shared_path
+
+SIZE, FRAMES = (96, 64), 4
+# No augmentation at all: tests switch on one thing at a time.
+PLAIN = AugmentConfig(size=(64, 64), scale=(1.0, 1.0), flip=0.0, reverse=0.0, brightness=0.0, contrast=0.0,
+                      saturation=0.0, gains=0.0, background=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny networks gain nothing from two, and lose much when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**kw) -> RecipeConfig:
+    base = dict(frames=FRAMES, batch_size=2, steps=20, tbptt=2, augment=PLAIN,
+                optim=OptimConfig(lr=2e-3, warmup_steps=0, freeze_stages=0, encoder_lr_scale=1.0),
+                val_every=0, checkpoint_every=0, log_every=0, bn_calibration_batches=1, shuffle_buffer=4)
+    base.update(kw)
+    return RecipeConfig(**base)
+
+
+def _const_stream() -> PriorStream:
+    return PriorStream(ConstantPrior(0.5))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """Six 4-frame 96x64 fake-motion clips of three real P3M people (two each), one shard, no Ray."""
+    from matting_core.data.clips import encode_clip, shard_name, write_shard
+    from matting_core.data.fakemotion import FakeMotionConfig, clip_rng, synthesize_clip
+    from matting_core.data.sources import discover_photos, load_photo, validate_photo
+
+    sources, _ = discover_photos(str(shared_path("data", "photos", "p3m")))
+    photos = [load_photo(validate_photo(s), max_height=2 * SIZE[1], estimate_foreground=False) for s in sources[:3]]
+    out = tmp_path_factory.mktemp("clips")
+    (out / "clips").mkdir()
+    rows = []
+    for i in range(6):
+        rng = np.random.default_rng(100 + i)
+        bg = np.stack([cv2.GaussianBlur(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8), (0, 0), 2)] * FRAMES)
+        photo = photos[i % 3]
+        clip = synthesize_clip(photo, bg, FakeMotionConfig(frames=FRAMES, size=SIZE), clip_rng(0, i))
+        rows.append(encode_clip(clip, i, 0, photo.uri, "noise", 0))
+    write_shard(str(out / "clips" / shard_name(0, 6)), rows)
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def records(dataset) -> list[ClipRecord]:
+    return list(iter_clips(dataset, columns=RECORD_COLUMNS))
+
+
+def _moving_disc(T: int = 4, v=(3.0, 1.0), size=(64, 48)) -> ClipRecord:
+    """A textured disc translating by `v` px per frame over a static background, with its exact flow."""
+    W, H = size
+    rng = np.random.default_rng(7)
+    tex = cv2.GaussianBlur(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), (0, 0), 1.5)
+    bg = np.full((H, W, 3), 90, np.uint8)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    frames, fgr, alpha, flow = [], [], [], []
+    for t in range(T):
+        cx, cy = 20 + v[0] * t, 22 + v[1] * t
+        a = np.clip(13.0 - np.hypot(xx - cx, yy - cy), 0, 1).astype(np.float32)
+        m = np.float32([[1, 0, v[0] * t], [0, 1, v[1] * t]])
+        f = cv2.warpAffine(tex, m, (W, H), borderMode=cv2.BORDER_REFLECT)
+        frames.append(np.clip(a[..., None] * f + (1 - a[..., None]) * bg + 0.5, 0, 255).astype(np.uint8))
+        fgr.append(f)
+        alpha.append(np.round(a * 255) / 255)
+        fl = np.zeros((H, W, 2), np.float32)
+        if t:
+            fl[a > 0] = (-v[0], -v[1])  # backward: the point at x was at x - v in frame t-1
+        flow.append(fl)
+    return ClipRecord(0, 0, "disc", "flat", False, np.stack(frames), np.stack(fgr), None,
+                      np.stack(alpha).astype(np.float32), np.stack(flow), {})
+
+
+def _warp_error(sample: dict) -> tuple[float, float]:
+    """Mean |warp(alpha_{t-1}, flow_t) - alpha_t| over valid pixels, and the same with zero flow."""
+    pha, flow, valid = sample["pha"][:, 0], sample["flow"].transpose(0, 2, 3, 1), sample["flow_valid"][:, 0] > 0
+    err, still = [], []
+    for t in range(1, pha.shape[0]):
+        if valid[t].any():
+            err.append(np.abs(np_warp(pha[t - 1], flow[t]) - pha[t])[valid[t]].mean())
+            still.append(np.abs(pha[t - 1] - pha[t])[valid[t]].mean())
+    return float(np.mean(err)), float(np.mean(still))
+
+
+# ---------------------------------------------------------------- warp
+def test_torch_warp_matches_the_numpy_warp_of_the_flow_convention():
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.random((40, 56)).astype(np.float32), (0, 0), 2)
+    flow = (rng.uniform(-6, 6, (40, 56, 2)) * 32).round().astype(np.float32) / 32  # the dataset's 1/32 px grid
+    flow[:4] = 30.0  # sources outside the frame: replicated border
+    torch_out = warp(torch.from_numpy(img)[None, None], torch.from_numpy(flow).permute(2, 0, 1)[None])[0, 0].numpy()
+    assert np.abs(torch_out - np_warp(img, flow)).max() < 1e-4
+    # Off the 1/32 grid OpenCV rounds its weights; the exact float64 warp of the metrics does not.
+    flow2 = flow + rng.uniform(-0.5, 0.5, flow.shape).astype(np.float32)
+    exact, _ = warp_bilinear(img, flow2)
+    off_grid = warp(torch.from_numpy(img)[None, None], torch.from_numpy(flow2).permute(2, 0, 1)[None])[0, 0].numpy()
+    assert np.abs(off_grid - exact).max() < 1e-4
+
+
+# ---------------------------------------------------------------- samples
+def test_flip_negates_flow_x_and_keeps_the_warp_consistent(records):
+    # A real fake-motion clip, and a disc moving 3 px right: flipped, it moves 3 px left.
+    for record in (records[0], _moving_disc()):
+        cfg = _cfg(augment=dataclasses.replace(PLAIN, size=record.alpha.shape[1:][::-1]))
+        plain = make_sample(record, cfg, sample_rng(0, 0, 0), _const_stream())
+        flipped = make_sample(record, dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, flip=1.0)),
+                              sample_rng(0, 0, 0), _const_stream())
+        assert np.array_equal(flipped["pha"], plain["pha"][..., ::-1])
+        assert np.allclose(flipped["flow"][:, 0], -plain["flow"][:, 0, :, ::-1])
+        assert np.allclose(flipped["flow"][:, 1], plain["flow"][:, 1, :, ::-1])
+        err_plain, _ = _warp_error(plain)
+        err_flip, still = _warp_error(flipped)
+        assert err_flip < 1.5 * err_plain + 1e-3 and err_flip < 0.5 * still
+    disc = make_sample(_moving_disc(), dataclasses.replace(
+        _cfg(), augment=dataclasses.replace(PLAIN, size=(64, 48), flip=1.0)), sample_rng(0, 0, 0), _const_stream())
+    assert np.allclose(disc["flow"][1:, 0][disc["flow_valid"][1:, 0] > 0], 3.0)
+
+
+def test_time_reversal_inverts_the_flow(records):
+    disc = _moving_disc()
+    cfg = _cfg(augment=dataclasses.replace(PLAIN, size=(64, 48), reverse=1.0))
+    rev = make_sample(disc, cfg, sample_rng(0, 0, 0), _const_stream())
+    assert rev["reversed"] and np.array_equal(rev["pha"][:, 0], disc.alpha[::-1])
+    valid = rev["flow_valid"][1:, 0] > 0
+    interior = disc.alpha[::-1][1:] > 0.99
+    assert valid[interior].mean() > 0.9  # the inverse exists inside the disc
+    assert np.abs(rev["flow"][1:, 0][valid] - 3.0).max() < 0.05  # played backwards it moves by +v
+    assert np.abs(rev["flow"][1:, 1][valid] - 1.0).max() < 0.05
+    assert np.all(rev["flow_valid"][0] == 0)
+    err, still = _warp_error(rev)
+    assert err < 0.25 * still
+    # Real clips, zoomed crops and all: the reversed flow reconstructs the reversed alpha.
+    aug = dataclasses.replace(PLAIN, size=(64, 48), scale=(0.6, 1.0), reverse=1.0)
+    for i, record in enumerate(records[:3]):
+        s = make_sample(record, _cfg(augment=aug), sample_rng(0, 1, 0, i), _const_stream())
+        err, still = _warp_error(s)
+        assert s["reversed"] and err < 0.02 and s["flow_valid"][1:].sum() > 0.5 * (s["pha"][1:] > 0.5).sum()
+
+
+def test_samples_are_seeded_by_seed_step_and_rank(records):
+    aug = dataclasses.replace(AugmentConfig(size=(64, 48)), background=0.5)
+    cfg = _cfg(augment=aug)
+
+    def batch(seed, step, rank):
+        return collate([make_sample(r, cfg, sample_rng(seed, step, rank, i), _const_stream())
+                        for i, r in enumerate(records[:2])])
+
+    a, b, c = batch(0, 5, 0), batch(0, 5, 0), batch(0, 5, 1)
+    for name in ("src", "pha", "fgr", "flow", "flow_valid"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.src, c.src)
+    assert not torch.equal(a.src, batch(0, 6, 0).src) and not torch.equal(a.src, batch(1, 5, 0).src)
+    state = np.random.get_state()
+    batch(0, 5, 0)
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the global RNG is never drawn from
+
+
+def test_the_prior_is_the_prior_stream_over_the_augmented_frames(records):
+    cfg = _cfg(augment=dataclasses.replace(AugmentConfig(size=(64, 48)), reverse=1.0, flip=1.0, background=1.0))
+    stream = PriorStream(_MeanPrior())
+    s = make_sample(records[1], cfg, sample_rng(0, 0, 0), stream)
+    frames = np.round(s["src"].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+    assert np.allclose(s["prior"][:, 0, 0, 0], frames.reshape(FRAMES, -1).mean(1) / 255, atol=1e-5)
+
+
+class _MeanPrior(ConstantPrior):
+    """The frame's mean grey as a constant map: a prior that shows which frames it was run on."""
+
+    def __call__(self, frame):
+        return np.full(frame.shape[:2], frame.mean() / 255, np.float32)
+
+
+# ---------------------------------------------------------------- losses
+@pytest.fixture(scope="module")
+def batch(records) -> "E.Batch":
+    cfg = _cfg(augment=dataclasses.replace(PLAIN, reverse=0.5))
+    return collate([make_sample(r, cfg, sample_rng(0, 0, 0, i), _const_stream()) for i, r in enumerate(records[:2])])
+
+
+def test_a_perfect_prediction_has_no_loss_and_flicker_has_temporal_loss(batch):
+    w = LossWeights()
+    perfect = matting_losses(batch.pha, batch.fgr, batch, w)
+    assert set(perfect) == {"l1", "laplacian", "grad", "fgr", "temporal_warp", "temporal_diff", "total"}
+    assert all(float(v) < 1e-6 for v in perfect.values())
+    sign = torch.tensor([1.0, -1.0] * (FRAMES // 2)).view(1, FRAMES, 1, 1, 1)
+    flicker = matting_losses(batch.pha + 0.1 * sign, batch.fgr, batch, w)
+    assert flicker["temporal_warp"] > 0.1 and flicker["temporal_diff"] > 0.02
+    steady = matting_losses(batch.pha + 0.1, batch.fgr, batch, w)  # wrong, but the same error in every frame
+    assert steady["temporal_warp"] < 1e-4 and steady["temporal_diff"] < 1e-6 and steady["l1"] > 0.09
+
+
+def test_losses_keep_gradients_where_the_residual_overshoots_a_saturated_prior():
+    net = E.build_model(_cfg())
+    with torch.no_grad():
+        net.output_conv.bias[0] = 0.5  # alpha residual +0.5 everywhere
+    src = torch.rand(1, 2, 3, 64, 64)
+    prior = torch.ones(1, 2, 1, 64, 64)  # saturated
+    true = torch.full_like(prior, 0.5)
+    zeros = torch.zeros(1, 2, 2, 64, 64)
+    b = E.Batch(src, prior, true, src, zeros, torch.ones(1, 2, 1, 64, 64), [0], [False])
+    for clamp, expect in ((False, True), (True, False)):
+        net.zero_grad()
+        pha, fgr, _ = net(src, prior, None, 1.0, clamp)
+        matting_losses(pha, fgr, b, LossWeights())["total"].backward()
+        assert (net.output_conv.bias.grad[0].abs() > 1e-3) == expect
+    net.zero_grad()
+    pha, fgr, _ = E.predict(net, src, prior)  # what train_step uses
+    matting_losses(pha, fgr, b, LossWeights())["total"].backward()
+    assert net.output_conv.bias.grad[0].abs() > 1e-3
+
+
+# ---------------------------------------------------------------- step, schedule, evaluation
+def test_train_step_overfits_a_repeated_tiny_batch(batch):
+    cfg = _cfg(steps=12, tbptt=2, optim=OptimConfig(lr=3e-3, warmup_steps=0, encoder_lr_scale=1.0))
+    small = batch.slice(0, 3)
+    small = E.Batch(**{**small.__dict__, **{k: getattr(small, k)[:1] for k in
+                                            ("src", "prior", "pha", "fgr", "flow", "flow_valid")}})
+    model = E.build_model(cfg)
+    E.calibrate_batch_norm(model, [small], cfg, "cpu")
+    optimizer, scheduler = E.build_optimizer(model, cfg)
+    losses = [E.train_step(model, small, optimizer, scheduler, cfg, "cpu") for _ in range(cfg.steps)]
+    assert set(losses[0]) >= {"l1", "temporal_warp", "total", "lr", "grad_norm"}
+    assert losses[-1]["total"] < 0.6 * losses[0]["total"]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_schedule_warms_up_then_follows_a_cosine_to_its_floor():
+    cfg = _cfg(steps=100, optim=OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, encoder_lr_scale=0.1,
+                                            freeze_stages=2))
+    model = E.build_model(cfg)
+    assert not any(p.requires_grad for p in model.stages[:2].parameters())
+    assert all(p.requires_grad for p in model.stages[2].parameters())
+    optimizer, scheduler = E.build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    lrs, enc = [], []
+    for _ in range(cfg.steps):
+        lrs.append(groups["decoder"]["lr"])
+        enc.append(groups["encoder"]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[10:-1], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4)
+    mid = 10 + (100 - 10 - 1) // 2
+    assert lrs[mid] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (mid - 10) / 89))))
+    assert np.allclose(enc, np.array(lrs) * 0.1)
+    assert groups["decoder_no_decay"]["weight_decay"] == 0.0
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_every_module_mode(batch):
+    cfg = _cfg()
+    model = E.build_model(cfg)
+    E.set_train_mode(model, cfg)
+    before = [m.training for m in model.modules()]
+    assert model.training and not model.stages[0][0][1].training  # frozen batch norm
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    metrics = E.evaluate(model, [batch], cfg, "cpu")
+    assert seen == [False] and [m.training for m in model.modules()] == before
+    assert set(metrics) == {"loss", "mad", "mse", "grad", "dtssd", "clips"} and metrics["clips"] == 2
+    # The untrained net returns the prior: its MAD is the prior's.
+    assert metrics["mad"] == pytest.approx(1e3 * float((batch.prior - batch.pha).abs().mean()), rel=1e-4)
+
+
+def test_train_step_under_distributed_data_parallel(batch, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        cfg = _cfg(tbptt=2)
+        model = torch.nn.parallel.DistributedDataParallel(E.build_model(cfg))
+        optimizer, scheduler = E.build_optimizer(model, cfg)
+        before = E.unwrap(model).output_conv.weight.detach().clone()
+        out = E.train_step(model, batch.slice(0, 3), optimizer, scheduler, cfg, "cpu")
+        assert np.isfinite(out["total"]) and not torch.equal(before, E.unwrap(model).output_conv.weight)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- data split, config, the loop
+def test_split_by_photo_keeps_every_photo_on_one_side(records):
+    train, val = E.split_by_photo(records, 0.34, seed=0)
+    photo = {r.clip_id: r.photo for r in records}
+    assert sorted(train + val) == sorted(photo) and val
+    assert not {photo[i] for i in train} & {photo[i] for i in val}
+    assert E.split_by_photo(records, 0.34, seed=0) == (train, val)
+    assert E.split_by_photo(["a", "b", "a", "c"], 0.3, seed=1)[1] in ([0, 2], [1], [3])
+    with pytest.raises(ValueError, match="at least 2 photos"):
+        E.split_by_photo([(0, "a"), (1, "a")], 0.5, seed=0)
+
+
+def test_presets_and_config_round_trip():
+    assert set(PRESETS) >= {"cpu-small", "gpu"}
+    assert PRESETS["gpu"].augment.size == (512, 288) and 8 <= PRESETS["gpu"].frames <= 15
+    for cfg in PRESETS.values():
+        assert recipe_from_dict(json.loads(json.dumps(recipe_to_dict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="unknown key"):
+        recipe_from_dict({"optim": {"lr": 1e-3, "momentum": 0.9}})
+    with pytest.raises(ValueError, match="bn"):
+        RecipeConfig(bn="group")
+
+
+def test_main_trains_validates_by_photo_and_writes_a_checkpoint_that_folds(dataset, tmp_path, monkeypatch,
+                                                                          selfie_model_cache):
+    monkeypatch.setenv("MATTING_MODEL_CACHE", str(selfie_model_cache))
+    cfg = _cfg(steps=3, batch_size=2, val_share=0.34, checkpoint_every=2, val_every=2, log_every=1,
+               augment=AugmentConfig(size=(64, 64), background=0.5))
+    out = tmp_path / "run"
+    result = E.main(cfg, dataset, out_dir=str(out), device="cpu", log=None)
+    assert result["step"] == 3 and np.isfinite(result["train/total"]) and result["val/clips"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000002.pt", "checkpoint-000003.pt"]
+    assert [h["step"] for h in result["history"]] == [1, 2, 3] and "val/mad" in result["history"][1]
+
+    net = load_checkpoint(result["checkpoint"])
+    assert net.config["prior"] == resolve_prior_spec(None)
+    extra = net.checkpoint_extra
+    assert extra["step"] == 3 and recipe_from_dict(extra["recipe"]) == cfg
+    assert {"optimizer", "scheduler", "data_position"} <= set(extra)
+    bn = net.stages[0][0][1]
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # calibrated, then kept
+    fast = optimize_for_inference(net)
+    src, prior = torch.rand(1, 3, 3, 64, 64), torch.rand(1, 3, 1, 64, 64)
+    with torch.no_grad():
+        a, f, _ = net(src, prior)
+        b, g, _ = fast(src, prior)
+    assert (a - b).abs().max() < 1e-4 and (f - g).abs().max() < 1e-4
+
+    again = E.main(cfg, dataset, out_dir=str(out), device="cpu", log=None)  # resumes at the end: nothing to do
+    assert again["step"] == 3 and again["checkpoint"].endswith("checkpoint-000003.pt")
+    with pytest.raises(ValueError, match="another recipe"):
+        E.main(dataclasses.replace(cfg, steps=4), dataset, out_dir=str(out), device="cpu", log=None)
