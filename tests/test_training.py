@@ -193,6 +193,14 @@ def test_the_prior_is_the_prior_stream_over_the_augmented_frames(records):
     assert np.allclose(s["prior"][:, 0, 0, 0], frames.reshape(FRAMES, -1).mean(1) / 255, atol=1e-5)
 
 
+def test_validation_samples_are_whole_frames_scaled_to_fit(records):
+    s = make_sample(records[0], _cfg(augment=AugmentConfig(size=(64, 64))), sample_rng(0, 0, 0), _const_stream(),
+                    augment=False)
+    assert s["src"].shape == (FRAMES, 3, 43, 64) and not s["reversed"]
+    full = cv2.resize(records[0].alpha[1], (64, 43), interpolation=cv2.INTER_AREA)
+    assert np.abs(s["pha"][1, 0] - full).max() < 1e-6
+
+
 class _MeanPrior(ConstantPrior):
     """The frame's mean grey as a constant map: a prior that shows which frames it was run on."""
 
@@ -292,19 +300,33 @@ def test_evaluate_runs_in_eval_mode_and_restores_every_module_mode(batch):
     assert metrics["mad"] == pytest.approx(1e3 * float((batch.prior - batch.pha).abs().mean()), rel=1e-4)
 
 
-def test_train_step_under_distributed_data_parallel(batch, tmp_path):
+def _ddp_worker(rank: int, folder: str) -> None:
+    """One of two DDP ranks: a step on its own random clip; saves its weights afterwards."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
     try:
-        cfg = _cfg(tbptt=2)
+        cfg = _cfg(tbptt=2)  # 3 frames: two chunks, the first without gradient synchronisation
         model = torch.nn.parallel.DistributedDataParallel(E.build_model(cfg))
         optimizer, scheduler = E.build_optimizer(model, cfg)
-        before = E.unwrap(model).output_conv.weight.detach().clone()
-        out = E.train_step(model, batch.slice(0, 3), optimizer, scheduler, cfg, "cpu")
-        assert np.isfinite(out["total"]) and not torch.equal(before, E.unwrap(model).output_conv.weight)
+        gen = torch.Generator().manual_seed(rank)
+        src, prior, pha = (torch.rand(1, 3, c, 64, 64, generator=gen) for c in (3, 1, 1))
+        batch = E.Batch(src, prior, pha, src, torch.zeros(1, 3, 2, 64, 64), torch.ones(1, 3, 1, 64, 64), [rank], [False])
+        out = E.train_step(model, batch, optimizer, scheduler, cfg, "cpu")
+        torch.save({"total": out["total"], "state": E.unwrap(model).state_dict()}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def test_train_step_under_distributed_data_parallel(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["total"] != r1["total"]  # different data on each rank...
+    fresh = E.build_model(_cfg()).state_dict()
+    for name, value in r0["state"].items():  # ...and the same weights after the step: gradients were averaged
+        assert torch.allclose(value, r1["state"][name], atol=1e-7), name
+    assert not torch.equal(r0["state"]["head.out.weight"], fresh["head.out.weight"])
 
 
 # ---------------------------------------------------------------- data split, config, the loop

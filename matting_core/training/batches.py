@@ -91,20 +91,18 @@ def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, tuple(size), interpolation=interp)
 
 
-def _crop_box(alpha: np.ndarray, size: tuple[int, int], scale: float, rng: np.random.Generator | None
+def _crop_box(alpha: np.ndarray, size: tuple[int, int], scale: float, rng: np.random.Generator
               ) -> tuple[int, int, int, int]:
     """(x0, y0, w, h) of a crop with `size`'s aspect, `scale` times the largest that fits the clip.
 
-    Centred without `rng`; otherwise centred on a random point of the subject's bounding box over
-    the clip (alpha > 0.5; the whole frame without a subject), so zoomed crops still show the person.
+    Centred on a random point of the subject's bounding box over the clip (alpha > 0.5; the
+    whole frame without a subject), so zoomed crops still show the person.
     """
     height, width = alpha.shape[1:]
     aspect = size[0] / size[1]
     cw_max = min(float(width), height * aspect)
     cw = max(2, min(width, int(round(cw_max * scale))))
     ch = max(2, min(height, int(round(cw / aspect))))
-    if rng is None:
-        return (width - cw) // 2, (height - ch) // 2, cw, ch
     ys, xs = np.nonzero((alpha > 0.5).any(axis=0))
     bx0, bx1, by0, by1 = (xs.min(), xs.max(), ys.min(), ys.max()) if xs.size else (0, width - 1, 0, height - 1)
     cx, cy = rng.uniform(bx0, bx1 + 1), rng.uniform(by0, by1 + 1)
@@ -246,8 +244,9 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     """One training sample (numpy, `[T,C,H,W]` float32 like a Batch's clips) from a decoded clip.
 
     In order: a window of `cfg.frames` frames (random when the clip is longer, the first ones
-    without `augment`); a crop with the training aspect and a random scale (centred and whole
-    without `augment`) resized to `cfg.augment.size`, flow cropped and its vectors scaled; a
+    without `augment`); a crop with the training aspect and a random scale, centred on a random
+    point of the subject, resized to `cfg.augment.size`, flow cropped and its vectors scaled
+    (without `augment`: the whole frame scaled to fit inside that size, as inference sees it); a
     horizontal flip (flow x negated); a procedural background composited behind F and alpha; one
     colour jitter for the clip's frames and foregrounds alike; time reversal (flow inverted, see
     `_reverse`); then the prior stream, reset, over the resulting frames, as inference runs it.
@@ -270,9 +269,13 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     defined = (alpha > 0).astype(np.float32)
 
     # Crop and resize: the same box for the whole clip (the camera does not move with it).
-    W, H = aug.size
-    scale = float(rng.uniform(*aug.scale)) if augment else 1.0
-    x0, y0, cw, ch = _crop_box(alpha, (W, H), scale, rng if augment else None)
+    if augment:
+        W, H = aug.size
+        x0, y0, cw, ch = _crop_box(alpha, (W, H), float(rng.uniform(*aug.scale)), rng)
+    else:  # the whole frame, as inference sees it, scaled to fit the training size
+        (ch, cw), (x0, y0) = alpha.shape[1:], (0, 0)
+        fit = min(aug.size[0] / cw, aug.size[1] / ch)
+        W, H = max(8, round(cw * fit)), max(8, round(ch * fit))
     box = (slice(None), slice(y0, y0 + ch), slice(x0, x0 + cw))
     # (OpenCV takes the crops' row strides as they are: no copies.)
     frames = np.stack([_resize(f, (W, H)) for f in frames[box]])

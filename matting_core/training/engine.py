@@ -276,14 +276,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     device, step: int, on_step: Callable[[int, dict], Any] | None = None) -> int:
     """`train_step` over `batches` until they end or `cfg.steps` is reached; returns the new step.
 
-    `on_step(step, metrics)` runs after each step with the step count reached (1-based).
+    `on_step(step, metrics)` runs after each step with the step count reached (1-based); the
+    metrics add `data_s` (seconds waiting for the batch: decoding, augmentation, the prior) and
+    `step_s` (seconds of `train_step`).
     """
     it = iter(batches)
     while step < cfg.steps:
+        t0 = time.perf_counter()
         batch = next(it, None)  # pulled only when a step will use it (the prior runs in data loading)
         if batch is None:
             break
+        t1 = time.perf_counter()
         metrics = train_step(model, batch, optimizer, scheduler, cfg, device)
+        metrics.update(data_s=t1 - t0, step_s=time.perf_counter() - t1)
         step += 1
         if on_step is not None:
             on_step(step, metrics)
@@ -453,7 +458,8 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
             eta = (cfg.steps - at_step) * elapsed / max(at_step - step_start, 1)
             record.update({f"train/{k}": v for k, v in metrics.items()})
             say(f"step {at_step}/{cfg.steps} loss {metrics['total']:.4f} lr {metrics['lr']:.2e} "
-                f"{fps:.1f} frames/s eta {eta / 60:.1f} min")
+                f"{fps:.1f} frames/s (data {metrics['data_s']:.2f} s, step {metrics['step_s']:.2f} s) "
+                f"eta {eta / 60:.1f} min")
         # Validate: held-out people, watched from the first run on.
         if val_set and ((cfg.val_every and at_step % cfg.val_every == 0) or at_step == cfg.steps):
             last_val = evaluate(model, val_batches(), cfg, device)
