@@ -70,6 +70,12 @@ class Batch:
                                  if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
                         for f in fields(self)})
 
+    def clip(self, index: int) -> "Batch":
+        """Clip `index` alone, as a batch of one."""
+        return Batch(**{f.name: (getattr(self, f.name)[index:index + 1] if isinstance(getattr(self, f.name), torch.Tensor)
+                                 else getattr(self, f.name)[index:index + 1])
+                        for f in fields(self)})
+
     def slice(self, start: int, stop: int) -> "Batch":
         """Frames start..stop-1 of every clip (flow of frame `start` still points at frame start-1)."""
         return Batch(**{f.name: (getattr(self, f.name)[:, start:stop]

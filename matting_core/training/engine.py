@@ -36,7 +36,7 @@ from matting_core.prior import PriorStream, prior_stream_from_spec, resolve_prio
 from matting_core.runtime import resolve_device
 from matting_core.training.batches import RECORD_COLUMNS, Batch, iter_batches, shuffled
 from matting_core.training.config import RecipeConfig, recipe_to_dict
-from matting_core.training.losses import TERMS, matting_losses
+from matting_core.training.losses import matting_losses
 
 __all__ = ["unwrap", "build_model", "build_optimizer", "lr_factor", "set_train_mode", "prepare_batch_norm",
            "calibrate_batch_norm", "predict", "train_step", "evaluate", "train_one_epoch", "split_by_photo",
@@ -249,11 +249,8 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, devi
             with _amp(cfg, device):
                 pha, fgr, _ = predict(model, batch.src, batch.prior)
             pha, fgr = pha.float(), fgr.float()
-            for b in range(B):
-                one = batch.slice(0, batch.frames)
-                one = Batch(**{**one.__dict__, **{k: getattr(one, k)[b:b + 1] for k in
-                                                  ("src", "prior", "pha", "fgr", "flow", "flow_valid")}})
-                loss_sum += float(matting_losses(pha[b:b + 1], fgr[b:b + 1], one, cfg.loss)["total"])
+            for b in range(B):  # per clip, so the mean does not depend on how clips were batched
+                loss_sum += float(matting_losses(pha[b:b + 1], fgr[b:b + 1], batch.clip(b), cfg.loss)["total"])
             pred = pha.clamp(0.0, 1.0).cpu().numpy()
             true = batch.pha.float().cpu().numpy()
             for b in range(B):
@@ -378,6 +375,11 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 # ---------------------------------------------------------------- the loop
+def _train_names(metrics: dict) -> dict:
+    """DESIGN.md's metric names: `train/loss` for the total, `train/<term>` for the rest."""
+    return {("train/loss" if k == "total" else f"train/{k}"): v for k, v in metrics.items()}
+
+
 def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str | None = None,
          device: Any = "auto", log: Callable[[str], Any] | None = print) -> dict:
     """Train `cfg` on the clip dataset `data` in this process; returns the final metrics.
@@ -386,8 +388,9 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
     photo, so no person is in both), at most `cfg.val_clips` clips, every `cfg.val_every` steps
     and at the end. Checkpoints (`checkpoint-STEP.pt` in `out_dir`, any fsspec URI): every
     `cfg.checkpoint_every` steps and at the end; a rerun into the same `out_dir` resumes from the
-    latest one with the same schedule and the same data order. Returns `{"step", "train/<term>",
-    "val/<metric>", "checkpoint", "history"}` (history: one dict per logged or validated step).
+    latest one with the same schedule and the same data order. Returns `{"step", "train/loss",
+    "train/<term>", "val/<metric>", "checkpoint", "history"}` (history: one dict per logged or
+    validated step, step 0 being the untrained net, i.e. the prior).
     """
     device = resolve_device(device)
     say = log or (lambda _msg: None)
@@ -456,7 +459,7 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
             elapsed = time.perf_counter() - t_start
             fps = (at_step - step_start) * cfg.batch_size * cfg.frames / max(elapsed, 1e-9)
             eta = (cfg.steps - at_step) * elapsed / max(at_step - step_start, 1)
-            record.update({f"train/{k}": v for k, v in metrics.items()})
+            record.update(_train_names(metrics))
             say(f"step {at_step}/{cfg.steps} loss {metrics['total']:.4f} lr {metrics['lr']:.2e} "
                 f"{fps:.1f} frames/s (data {metrics['data_s']:.2f} s, step {metrics['step_s']:.2f} s) "
                 f"eta {eta / 60:.1f} min")
@@ -471,6 +474,12 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
         if record:
             history.append({"step": at_step, **record})
 
+    # Validate once before the first step: the untrained net returns the prior, the baseline to beat.
+    if val_set and cfg.val_every and step == 0:
+        last_val = evaluate(model, val_batches(), cfg, device)
+        history.append({"step": 0, **{f"val/{k}": v for k, v in last_val.items()}})
+        say("step 0 val " + " ".join(f"{k} {v:.4g}" for k, v in last_val.items()))
+
     # Train: epochs over the shuffled training clips until cfg.steps optimizer steps.
     while step < cfg.steps:
         skip = step - epoch_start
@@ -483,5 +492,5 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
             epoch, epoch_start = epoch + 1, step
     if out_dir and checkpoint_path is None:
         checkpoint_path = latest_checkpoint(out_dir)
-    return {"step": step, **{f"train/{k}": v for k, v in last_train.items()},
+    return {"step": step, **_train_names(last_train),
             **{f"val/{k}": v for k, v in last_val.items()}, "checkpoint": checkpoint_path, "history": history}
