@@ -189,8 +189,8 @@ def _edge_trust(history: np.ndarray, flow: np.ndarray, tolerance: float) -> np.n
 _LAYER_MASS = 1e-3  # mean weight in a box below which the box holds no person
 
 SMOOTHER_PRESETS: dict[str, dict] = {
-    # Issue 8 tuning (bench/bench_prior_flow.py): person-layer motion, edge-aware trust, flow-free
-    # fallback, no forward flow; the figures are in the README.
+    # Tuned on still-part make-benchmark clips (bench/bench_prior_flow.py; figures in the README):
+    # person-layer motion, edge- and motion-aware trust, flow-free fallback, no forward flow.
     "default": {"new_weight": 0.1, "change_tolerance": 4.0, "photo_tolerance": 0.1, "preset": "fine",
                 "flow_max_side": 320, "cut_error": 0.08, "cut_hist": 0.2, "consistency_check": False,
                 "layer_radius": 0.05, "layer_power": 4, "edge_tolerance": 0.33, "fallback_weight": 0.5},
