@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from matting_core.flow import TemporalSmoother
+from matting_core.flow import SMOOTHER_PRESETS, TemporalSmoother
 from matting_core.runtime import resolve_device
 
 __all__ = ["SELFIE_MODEL_NAME", "SELFIE_MODEL_SHA256", "SELFIE_WHEEL", "SELFIE_WHEEL_MEMBER",
@@ -37,9 +37,7 @@ SELFIE_INPUT_SIZE = (256, 144)  # (W, H) of the landscape model's input
 PRIOR_SPEC_VERSION = 1
 # TemporalSmoother's defaults when checkpoints recorded only `{"backend": ...}`: such a model was
 # trained and matted with exactly these, whatever the smoother's defaults are now.
-LEGACY_SMOOTHER_SPEC: dict[str, Any] = {
-    "new_weight": 0.3, "change_tolerance": 0.8, "photo_tolerance": 0.07, "preset": "ultrafast",
-    "flow_max_side": 320, "cut_error": 0.08, "cut_hist": 0.2}
+LEGACY_SMOOTHER_SPEC: dict[str, Any] = dict(SMOOTHER_PRESETS["legacy"])
 # Constructor arguments that tune how a prior runs here, not what it computes: never recorded.
 _RUNTIME_ONLY = ("num_threads", "device")
 BACKENDS = ("selfie", "deeplabv3", "none")

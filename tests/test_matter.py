@@ -109,7 +109,7 @@ def test_reset_between_videos_and_on_size_change(frames, net):
     a = [r.pha for r in matter.run(frames[:3])]
     b = [r.pha for r in matter.run(frames[:3])]
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(x, y, atol=1e-6)  # the CPU kernels' float order varies by ~1e-8
     # Without a reset the same frames meet the state the last ones left: other mattes.
     carried = [matter.step(f).pha for f in frames[:3]]
     assert float(np.abs(carried[0] - a[0]).max()) > 1e-3
