@@ -167,8 +167,10 @@ def _add_flag(p: argparse.ArgumentParser, key: str, tp: Any, default: Any, meta:
         p.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
         return
     parse, choices = _parser(tp, repeat)
+    # Without a metavar argparse would show the internal dest ("CFG:STEPS"); choices show themselves.
+    metavar = meta.get("metavar") or (None if choices else key.rsplit(".", 1)[-1].upper())
     p.add_argument(*names, action="append" if repeat else "store", type=parse, choices=choices,
-                   metavar=meta.get("metavar"), **kwargs)
+                   metavar=metavar, **kwargs)
 
 
 def _parser(tp: Any, repeat: bool) -> tuple[Callable[[str], Any], tuple | None]:

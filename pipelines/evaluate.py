@@ -16,12 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Literal
 
+from matting_core.evaluation.metrics import ALL_METRICS
 from pipelines import config as cfglib
 from pipelines.config import option
 
 log = logging.getLogger("matting.evaluate")
-
-ALL_METRICS = ("mad", "sad", "mse", "grad", "conn", "dtssd", "messddt", "fgr_mad", "fgr_mse")
 
 EPILOG = """\
 examples:
