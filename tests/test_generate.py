@@ -208,6 +208,36 @@ def test_dataset_of_another_generator_version_is_refused_unless_overwrite(two_wo
         run_generate(config(*sources, str(out), clips=4))
 
 
+def test_shard_maker_runs_foreground_estimation_on_one_thread(sources, tmp_path):
+    # Each actor has one Ray CPU: pymatting's numba loops with a thread per core in every actor
+    # made the actors fight over the cores. A fresh interpreter, as an actor is, before numba loads.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("numba's default is already one thread on a single core")
+    code = f"""
+import dataclasses, json
+from matting_core.data.sources import (discover_backgrounds, discover_photos, validate_all, validate_background,
+                                       validate_photo)
+from pipelines.config import to_dict
+from pipelines.generate import GenerateConfig, ShardMaker
+
+def infos(found, validate):
+    return [json.loads(json.dumps(dataclasses.asdict(i))) for i in validate_all(found, validate)[0]]
+
+photos = infos(discover_photos({sources[0]!r})[0], validate_photo)
+backgrounds = infos(discover_backgrounds({sources[1]!r})[0], validate_background)
+cfg = GenerateConfig(out={str(tmp_path / "ds")!r}, clips=1, progress=False)
+out = ShardMaker(to_dict(cfg), photos, backgrounds, "fp")({{"start": [0], "stop": [1]}})
+import numba  # loaded by the shard's foreground estimation
+print(out["clips"][0], numba.get_num_threads())
+"""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["1", "1"]
+
+
 def test_no_valid_background_fails_with_a_clear_message(ray_runtime, sources, tmp_path, shared_data):
     bad = tmp_path / "bad-bg"
     bad.mkdir()
