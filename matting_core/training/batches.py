@@ -8,9 +8,11 @@ The prior enters training exactly as at inference: the recipe's `PriorStream` (p
 `TemporalSmoother` on DIS flow of the frames) runs over the augmented composite frames, reset at
 the start of every clip. It is computed here, in data loading, rather than cached by `generate`:
 every augmentation (crop, flip, reversal, colour, a new background) changes what the prior sees,
-so a cached map would be the prior of a different video. Measured on these 2 cores at 256x256:
-about 2.5 ms per frame for the selfie prior and its smoothing, 10 ms per 4-frame clip (see
-`bench`/the recipe's README); a step's forward and backward cost about 50 times that.
+so a cached map would be the prior of a different video. Measured on these 2 cores (cpu-small,
+4 frames at 256x256 from 512x288 clips): the selfie prior and its smoothing 9 ms per clip
+(2.2 ms/frame), the rest of a sample 17 ms, decoding the clip's columns about 50 ms; a cpu-small
+step (2 clips) takes 0.4-0.5 s. At 512x288 (gpu preset, 12 frames): prior 3.2 ms/frame, the rest
+of a sample 46 ms per clip.
 """
 from __future__ import annotations
 

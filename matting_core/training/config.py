@@ -93,6 +93,10 @@ class OptimConfig:
             last layer); a small step on the encoder keeps it from rewriting features it needs
             on people it has not seen, which a handful of training people invites.
         freeze_stages: how many encoder stages (of 5, shallow first) get no gradient at all.
+        head_lr_scale: the lr of the network's last layer (the 1x1 convolution that makes the
+            residuals) relative to `lr`. It starts at zero, so nothing before it gets a gradient
+            until it has grown: a larger step there ends that plateau sooner without larger steps
+            for the rest of the network.
     """
 
     lr: float = 3e-4
@@ -103,6 +107,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     encoder_lr_scale: float = 0.1
     freeze_stages: int = 0
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.warmup_steps < 0:
