@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# torch and torchvision are pinned exactly: other builds do not import together here
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# pymatting compiles its numba kernels on first import (about 30 s): once here, not in every generate worker
+	$(BIN)/python -c "import pymatting"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -20,6 +20,8 @@ COMMANDS = {
     "export": "pipelines.export",
     "make-benchmark": "pipelines.make_benchmark",
     "evaluate": "pipelines.evaluate",
+    "train": "pipelines.train",
+    "promote": "pipelines.promote",
     "demo": "pipelines.demo",
 }
 

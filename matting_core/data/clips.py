@@ -175,7 +175,7 @@ def shard_metadata(uri: str) -> tuple[int, dict]:
         return md.num_rows, json.loads(kv.get(b"matting", b"{}"))
 
 
-def _read_columns(columns: list[str] | None) -> list[str]:
+def parquet_columns(columns: list[str] | None) -> list[str]:
     """The Parquet columns to read for `columns` (None: all): the small ones plus the arrays asked for."""
     if columns is None:
         return list(SCHEMA.names)
@@ -192,7 +192,7 @@ def iter_clips(uri: str, columns: list[str] | None = None) -> Iterator[ClipRecor
     `columns` (names from SCHEMA, e.g. ["frames", "alpha", "flow"]) reads only those array columns
     from storage; the others are None on the records. An unknown name raises ValueError at once.
     """
-    return _iter_rows(uri, _read_columns(columns))
+    return _iter_rows(uri, parquet_columns(columns))
 
 
 def _iter_rows(uri: str, columns: list[str]) -> Iterator[ClipRecord]:
