@@ -26,7 +26,8 @@ import numpy as np
 from matting_core.data.clips import Clip
 from matting_core.data.sources import Photo
 
-__all__ = ["GENERATOR_VERSION", "MotionConfig", "AugmentConfig", "FakeMotionConfig", "synthesize_clip", "clip_rng"]
+__all__ = ["GENERATOR_VERSION", "MotionConfig", "AugmentConfig", "FakeMotionConfig", "synthesize_clip", "clip_rng",
+           "colour_matrix"]
 
 # Bump whenever synthesis makes something else from the same inputs, config and seed: it enters
 # the dataset fingerprint, so `generate` never resumes a dataset with shards of another version.
@@ -186,8 +187,9 @@ class _ControlGrid:
         return padded[f:f + h, f:f + w]
 
 
-def _colour_matrix(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    """A random colour jitter as one affine map of RGB, float32 [3, 4] (for cv2.transform).
+def colour_matrix(rng: np.random.Generator, cfg) -> np.ndarray:
+    """A random colour jitter (`cfg`: brightness, contrast, saturation, gains) as one affine map of RGB in
+    0-255, float32 [3, 4] (for cv2.transform).
 
     Saturation (blend with grey), contrast (about mid-grey), brightness and per-channel gains are
     all linear, so they fold into one matrix and cost one pass over the image.
@@ -274,7 +276,7 @@ def synthesize_clip(photo: Photo, background: np.ndarray, cfg: FakeMotionConfig,
 
     # Photometric augmentation parameters, fixed for the clip.
     ac = cfg.augment
-    col_f, col_b = _colour_matrix(rng, ac), _colour_matrix(rng, ac)
+    col_f, col_b = colour_matrix(rng, ac), colour_matrix(rng, ac)
     noise_f = ac.noise_sigma * rng.random() if rng.random() < ac.noise_probability else 0.0
     noise_b = ac.noise_sigma * rng.random() if rng.random() < ac.noise_probability else 0.0
     noise = _NoiseBank(rng, (H, W, 3)) if (noise_f or noise_b) else None

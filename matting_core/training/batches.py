@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from matting_core.data.clips import ClipRecord
+from matting_core.data.fakemotion import colour_matrix
 from matting_core.flow import resize_flow, source_inside
 from matting_core.prior import PriorStream
 
@@ -117,19 +118,6 @@ def _crop_box(alpha: np.ndarray, size: tuple[int, int], scale: float, rng: np.ra
     x0 = int(np.clip(round(cx - cw / 2), 0, width - cw))
     y0 = int(np.clip(round(cy - ch / 2), 0, height - ch))
     return x0, y0, cw, ch
-
-
-def _colour_matrix(rng: np.random.Generator, aug) -> np.ndarray:
-    """A random colour jitter as one affine map of RGB in 0-255, float32 [3,4] (for cv2.transform)."""
-    b = 1 + rng.uniform(-aug.brightness, aug.brightness)
-    c = 1 + rng.uniform(-aug.contrast, aug.contrast)
-    s = 1 + rng.uniform(-aug.saturation, aug.saturation)
-    g = 1 + rng.uniform(-aug.gains, aug.gains, size=3)
-    luma = np.array([0.299, 0.587, 0.114])
-    sat = s * np.eye(3) + (1 - s) * np.tile(luma, (3, 1))
-    lin = np.diag(b * g) @ (c * sat)
-    offset = np.diag(b * g) @ np.full(3, 128.0 * (1 - c))
-    return np.hstack([lin, offset[:, None]]).astype(np.float32)
 
 
 def _apply_colour(images: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -304,7 +292,7 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
         frames = np.clip(a * fgr.astype(np.float32) + (1.0 - a) * bgr + 0.5, 0, 255).astype(np.uint8)
 
     if augment and (aug.brightness or aug.contrast or aug.saturation or aug.gains):
-        matrix = _colour_matrix(rng, aug)
+        matrix = colour_matrix(rng, aug)
         frames, fgr = _apply_colour(frames, matrix), _apply_colour(fgr, matrix)
 
     reverse = bool(augment and rng.random() < aug.reverse)
