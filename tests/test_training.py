@@ -341,6 +341,17 @@ def test_split_by_photo_keeps_every_photo_on_one_side(records):
         E.split_by_photo([(0, "a"), (1, "a")], 0.5, seed=0)
 
 
+def test_build_model_records_the_resolved_prior_and_seeds_its_initialisation():
+    state = torch.random.get_rng_state()
+    net = E.build_model(_cfg())
+    assert net.config["prior"] == resolve_prior_spec(None)
+    assert torch.count_nonzero(net.output_conv.weight) == 0  # exactly the prior until trained
+    a, b = E.build_model(_cfg(head_init=1e-3)), E.build_model(_cfg(head_init=1e-3))
+    assert torch.equal(a.output_conv.weight, b.output_conv.weight)
+    assert 5e-4 < float(a.output_conv.weight.detach().std()) < 2e-3
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+
+
 def test_presets_and_config_round_trip():
     assert set(PRESETS) >= {"cpu-small", "gpu"}
     assert PRESETS["gpu"].augment.size == (512, 288) and 8 <= PRESETS["gpu"].frames <= 15

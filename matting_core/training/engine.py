@@ -59,13 +59,19 @@ def build_model(cfg: RecipeConfig) -> MattingNet:
     """A fresh MattingNet for `cfg`, its resolved prior recorded in `net.config["prior"]`.
 
     Initialisation is seeded by `cfg.seed` without touching the global torch RNG. The first
-    `cfg.optim.freeze_stages` encoder stages get `requires_grad=False`.
+    `cfg.optim.freeze_stages` encoder stages get `requires_grad=False`. With `cfg.head_init` > 0
+    the last layer's weights (zero in MattingNet, which makes an untrained net return the prior
+    exactly) are drawn with that standard deviation: the net still starts within about
+    `head_init` of the prior, but every layer gets a gradient from the first step.
     """
     if "prior" in cfg.model:
         raise ValueError("RecipeConfig.model must not hold 'prior'; set RecipeConfig.prior")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.seed))
         net = matting_net(cfg.backbone_weights, prior=resolve_prior_spec(cfg.prior), **cfg.model)
+        if cfg.head_init:
+            with torch.no_grad():
+                net.output_conv.weight.normal_(0.0, float(cfg.head_init))
     for stage in list(net.stages)[: cfg.optim.freeze_stages]:
         stage.requires_grad_(False)
     return net
