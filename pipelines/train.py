@@ -455,8 +455,12 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[key] = value
 
 
-def run_train(cfg, out=sys.stderr) -> TrainSummary:
-    """Train as `cfg` (a TrainConfig) says on the Ray cluster (a local one by default); returns the summary."""
+def run_train(cfg, out=None) -> TrainSummary:
+    """Train as `cfg` (a TrainConfig) says on the Ray cluster (a local one by default); returns the summary.
+
+    The summary is printed to `out` (default: standard error).
+    """
+    out = out or sys.stderr
     from matting_core import storage
     from matting_core.data.clip_index import ClipIndex
     from matting_core.training.engine import split_by_photo
@@ -616,8 +620,9 @@ def _summarise(job: TrainJob, run_id: str, result, recipe, seconds: float, resum
                         resumed=resumed)
 
 
-def print_summary(summary: TrainSummary, out=sys.stderr) -> None:
-    """The one-screen end-of-run summary."""
+def print_summary(summary: TrainSummary, out=None) -> None:
+    """The one-screen end-of-run summary (to `out`, default standard error)."""
+    out = out or sys.stderr
     print(f"run          {summary.run_name} (MLflow run {summary.run_id}){' resumed' if summary.resumed else ''}",
           file=out)
     print(f"steps        {summary.steps} in {summary.seconds:.0f} s; {summary.skipped_clips} clip(s) skipped", file=out)
