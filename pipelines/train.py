@@ -25,8 +25,6 @@ from pipelines.config import option
 
 log = logging.getLogger(__name__)
 
-# Columns a training sample needs: the composite, the truth and its flow (not the background).
-TRAIN_COLUMNS = ["frames", "alpha", "fgr", "flow"]
 CHECKPOINT_FILE = "model.pt"
 SUMMARY_FILE = "summary.json"
 RUN_FILE = "mlflow_run.json"
@@ -141,7 +139,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     from matting_core.data.clip_index import ClipIndex
     from matting_core.runtime import set_cpu_threads
-    from matting_core.training.batches import collate, make_sample, sample_rng
+    from matting_core.training.batches import RECORD_COLUMNS, collate, make_sample, sample_rng
     from matting_core.training.engine import (build_model, build_optimizer, build_prior_stream, calibrate_batch_norm,
                                               evaluate, prepare_batch_norm, restore_training_checkpoint, train_step)
 
@@ -166,7 +164,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         ids = clips_for_step(train_ids, recipe.seed + draw, s, rank, world, recipe.batch_size)
         for i, clip_id in enumerate(ids):
             try:
-                record = train_index.read(clip_id, TRAIN_COLUMNS)
+                record = train_index.read(clip_id, RECORD_COLUMNS)
             except Exception as exc:  # a corrupt row costs itself, not the run
                 skipped += 1
                 log.warning("clip %d skipped: %s", clip_id, exc)
@@ -220,11 +218,11 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def validation_batches(index, ids: list[int], recipe, prior_stream):
     """Batches of the validation clips `ids`, whole and unaugmented, with the prior as inference computes it."""
-    from matting_core.training.batches import collate, make_sample, sample_rng
+    from matting_core.training.batches import RECORD_COLUMNS, collate, make_sample, sample_rng
 
     for start in range(0, len(ids), recipe.batch_size):
         chunk = ids[start:start + recipe.batch_size]
-        yield collate([make_sample(index.read(c, TRAIN_COLUMNS), recipe, sample_rng(recipe.seed, 0, 0, j),
+        yield collate([make_sample(index.read(c, RECORD_COLUMNS), recipe, sample_rng(recipe.seed, 0, 0, j),
                                    prior_stream, augment=False) for j, c in enumerate(chunk)])
 
 
