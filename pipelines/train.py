@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,7 +155,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_index = ClipIndex(job.data)
     val_index = ClipIndex(job.val_data) if job.val_data else train_index
     train_ids, val_ids = config["train_ids"], config["val_ids"]
-    prior_stream = build_prior_stream(recipe, device)
+    # Two prior streams: training batches are made in a helper thread (below) while rank 0 may
+    # be validating, and a stream carries per-clip smoothing state.
+    prior_stream, val_prior_stream = build_prior_stream(recipe, device), build_prior_stream(recipe, device)
     skipped = 0
 
     def batch_at(s: int, draw: int = 0):
@@ -173,7 +176,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         return collate(samples) if samples else batch_at(s, draw + 1)
 
     def val_batches():
-        return validation_batches(val_index, val_ids, recipe, prior_stream)
+        return validation_batches(val_index, val_ids, recipe, val_prior_stream)
 
     model = build_model(recipe).to(device)
     optimizer, scheduler = build_optimizer(model, recipe)
@@ -192,9 +195,20 @@ def _train_worker(config: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(prepare_batch_norm(model, recipe))  # DistributedDataParallel when world > 1
     tracker = _Tracker(job, config["run_id"], recipe) if rank == 0 else None
 
+    # The next step's batch (decoding, augmentation, the prior) is made in a helper thread while
+    # this one computes: OpenCV, numpy and LiteRT release the GIL. data_s is the time the step
+    # then still waits for it.
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matting-batches")
+    upcoming = loader.submit(batch_at, step)
     start_time, start_step = time.perf_counter(), step
     while step < recipe.steps:
-        metrics = train_step(ddp, batch_at(step), optimizer, scheduler, recipe, device)
+        t0 = time.perf_counter()
+        batch = upcoming.result()
+        if step + 1 < recipe.steps:
+            upcoming = loader.submit(batch_at, step + 1)
+        t1 = time.perf_counter()
+        metrics = train_step(ddp, batch, optimizer, scheduler, recipe, device)
+        metrics.update(data_s=t1 - t0, step_s=time.perf_counter() - t1)
         step += 1
         metrics["frames_per_s"] = ((step - start_step) * world * recipe.batch_size * recipe.frames
                                    / max(time.perf_counter() - start_time, 1e-9))
@@ -212,6 +226,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         if validate or keep:  # a barrier: every rank reports at the same steps
             _report(model, optimizer, scheduler, recipe, step, config, rank, keep,
                     {"skipped_clips": skipped, "best": best}, _prefixed(metrics, val))
+    loader.shutdown()
     if tracker is not None:
         tracker.finish(model, step, skipped)
 

@@ -17,10 +17,12 @@ def clip(b=1, t=3, h=H, w=W, seed=1) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def lively(net: MattingNet, seed: int = 0) -> MattingNet:
     """`net` with what training gives a net and initialisation does not: batch-norm statistics of its
-    own activations and a non-zero output layer (a fresh net returns the prior; tests need more)."""
+    own activations, a non-zero output layer and prior calibration (a fresh net returns the prior; tests need more)."""
     gen = torch.Generator().manual_seed(seed)
     net.output_conv.weight.copy_(torch.randn(net.output_conv.weight.shape, generator=gen) * 0.5)
     net.output_conv.bias.copy_(torch.randn(4, generator=gen) * 0.1)
+    if net.calibration is not None:
+        net.calibration.delta.copy_(torch.randn(net.calibration.delta.shape, generator=gen) * 0.1)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()

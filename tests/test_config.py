@@ -23,8 +23,15 @@ def test_jobs_folder_has_specs():
 
 
 @pytest.mark.parametrize("spec", JOBS, ids=lambda p: p.name)
-def test_every_job_spec_loads_as_generate_config(spec):
-    assert isinstance(parsed(GenerateConfig, ["generate", "--config", str(spec)]), GenerateConfig)
+def test_every_job_spec_loads_as_its_commands_config(spec):
+    from pipelines.train import TrainConfig, resolve_recipe
+
+    cls = {"generate": GenerateConfig, "train": TrainConfig}[spec.stem]
+    cfg = parsed(cls, [spec.stem, "--config", str(spec)])
+    assert isinstance(cfg, cls)
+    if cls is TrainConfig:  # its recipe keys resolve over the preset
+        recipe = resolve_recipe(cfg.preset, cfg.recipe, cfg.steps, cfg.backbone_weights)
+        assert recipe.steps == 20000 and recipe.augment.still == 0.3 and recipe.augment.size == (512, 288)
 
 
 def test_job_spec_values_reach_the_typed_config():

@@ -313,19 +313,43 @@ def test_optimized_for_inference_equals_the_net_and_streams_like_a_clip(net):
 @torch.no_grad()
 def test_version_1_checkpoints_without_an_arch_key_still_load(tmp_path):
     torch.manual_seed(4)
-    old = lively(matting_net(arch=1, head_channels=12))
+    old = lively(matting_net(arch=1, head_channels=12, prior_calibration=0))
     path = tmp_path / "v1.pt"
     save_checkpoint(old, str(path))
     payload = torch.load(path, weights_only=True)
     config = json.loads(payload["config"])
-    del config["arch"]  # as written before architecture versions existed
+    del config["arch"], config["prior_calibration"]  # as written before either existed
     payload["config"] = json.dumps(config)
     torch.save(payload, path)
     loaded = load_checkpoint(str(path))
     assert loaded.config["arch"] == 1 and loaded.config["head_channels"] == 12
+    assert loaded.config["prior_calibration"] == 0 and loaded.calibration is None
     src, prior = _clip(t=2)
     assert torch.equal(old(src, prior)[0], loaded(src, prior)[0])
-    assert matting_net().config["arch"] == 2
+    assert matting_net().config["arch"] == 2 and matting_net().config["prior_calibration"] == 11
+
+
+def test_the_prior_calibration_is_a_piecewise_linear_map_that_starts_as_the_identity():
+    from matting_core.model.calibration import PriorCalibration
+
+    cal = PriorCalibration(5)  # knots at 0, .25, .5, .75, 1
+    p = torch.rand(2, 1, 8, 8)
+    assert torch.equal(cal(p), p)
+    with torch.no_grad():
+        cal.delta.copy_(torch.tensor([0.0, -0.2, -0.1, 0.05, 0.0]))
+    knots = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).view(1, 1, 1, 5)
+    assert torch.allclose(cal(knots), knots + cal.delta.detach().view(1, 1, 1, 5), atol=1e-7)
+    between = torch.tensor([0.125, 0.6]).view(1, 1, 1, 2)  # halfway 0..0.25, 40% of 0.5..0.75
+    assert torch.allclose(cal(between), torch.tensor([0.125 - 0.1, 0.6 - 0.1 + 0.4 * 0.15]).view(1, 1, 1, 2))
+    cal(p).sum().backward()
+    assert cal.delta.grad is not None and cal.delta.grad.abs().sum() > 0
+    # The net adds its residual to the calibrated prior: with a zero residual, alpha is that map.
+    net = matting_net().eval()
+    with torch.no_grad():
+        net.calibration.delta.copy_(torch.linspace(0, -0.3, 11))
+        src, prior = _clip(t=2)
+        pha, _, _ = net(src, prior)
+    assert torch.allclose(pha, net.calibration(prior.flatten(0, 1)).view_as(pha).clamp(0, 1), atol=1e-6)
 
 
 def test_refiner_equals_the_plain_guided_filter_on_the_grey_guide():

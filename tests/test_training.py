@@ -97,7 +97,7 @@ def _moving_disc(T: int = 4, v=(3.0, 1.0), size=(64, 48)) -> ClipRecord:
         if t:
             fl[a > 0] = (-v[0], -v[1])  # backward: the point at x was at x - v in frame t-1
         flow.append(fl)
-    return ClipRecord(0, 0, "disc", "flat", False, np.stack(frames), np.stack(fgr), None,
+    return ClipRecord(0, 0, "disc", "flat", False, np.stack(frames), np.stack(fgr), np.stack([bg] * T),
                       np.stack(alpha).astype(np.float32), np.stack(flow), {})
 
 
@@ -146,6 +146,21 @@ def test_flip_negates_flow_x_and_keeps_the_warp_consistent(records):
     assert np.allclose(disc["flow"][1:, 0][disc["flow_valid"][1:, 0] > 0], 3.0)
 
 
+def test_a_pause_holds_the_first_pose_over_the_clips_moving_background(records):
+    record = records[0]
+    cfg = _cfg(augment=dataclasses.replace(PLAIN, size=record.alpha.shape[1:][::-1], still=1.0))
+    s = make_sample(record, cfg, sample_rng(0, 0, 0), _const_stream())
+    a0, f0 = record.alpha[0], record.fgr[0].astype(np.float32)
+    assert all(np.array_equal(s["pha"][t, 0], a0) for t in range(FRAMES))
+    assert not np.any(s["flow"]) and np.array_equal(s["flow_valid"][1:, 0] > 0, np.stack([a0 > 0] * (FRAMES - 1)))
+    for t in range(FRAMES):
+        composite = a0[..., None] * f0 + (1 - a0[..., None]) * record.bgr[t]
+        assert np.abs(s["src"][t].transpose(1, 2, 0) * 255 - composite).max() <= 0.5 + 1e-3
+    assert np.abs(s["src"][-1] - s["src"][0]).mean() > 1 / 255  # the background still moves
+    assert np.array_equal(make_sample(record, _cfg(augment=dataclasses.replace(cfg.augment, still=0.0)),
+                                      sample_rng(0, 0, 0), _const_stream())["pha"][:, 0], record.alpha[:FRAMES])
+
+
 def test_time_reversal_inverts_the_flow(records):
     disc = _moving_disc()
     cfg = _cfg(augment=dataclasses.replace(PLAIN, size=(64, 48), reverse=1.0))
@@ -187,10 +202,14 @@ def test_samples_are_seeded_by_seed_step_and_rank(records):
 
 def test_the_prior_is_the_prior_stream_over_the_augmented_frames(records):
     cfg = _cfg(augment=dataclasses.replace(AugmentConfig(size=(64, 48)), reverse=1.0, flip=1.0, background=1.0))
-    stream = PriorStream(_MeanPrior())
-    s = make_sample(records[1], cfg, sample_rng(0, 0, 0), stream)
-    frames = np.round(s["src"].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
-    assert np.allclose(s["prior"][:, 0, 0, 0], frames.reshape(FRAMES, -1).mean(1) / 255, atol=1e-5)
+    # A per-pixel prior (the frame's grey): cropped and resized like the frames, it is their grey.
+    s = make_sample(records[1], cfg, sample_rng(0, 0, 0), PriorStream(_GreyPrior()))
+    grey = s["src"].mean(axis=1)
+    assert np.abs(s["prior"][:, 0] - grey).max() < 3 / 255
+    # It runs on the whole frames, as inference does, not on the crop.
+    s = make_sample(records[1], cfg, sample_rng(0, 0, 0), PriorStream(_WidthPrior()))
+    assert np.allclose(s["prior"], records[1].alpha.shape[2] / 1000)
+    assert s["src"].shape[-1] == 64 and records[1].alpha.shape[2] != 64
 
 
 def test_validation_samples_are_whole_frames_scaled_to_fit(records):
@@ -201,11 +220,18 @@ def test_validation_samples_are_whole_frames_scaled_to_fit(records):
     assert np.abs(s["pha"][1, 0] - full).max() < 1e-6
 
 
-class _MeanPrior(ConstantPrior):
-    """The frame's mean grey as a constant map: a prior that shows which frames it was run on."""
+class _GreyPrior(ConstantPrior):
+    """The frame's grey as the map: a prior that shows which frames it was run on."""
 
     def __call__(self, frame):
-        return np.full(frame.shape[:2], frame.mean() / 255, np.float32)
+        return frame.mean(axis=2).astype(np.float32) / 255
+
+
+class _WidthPrior(ConstantPrior):
+    """The width of the frame it sees, over 1000, everywhere."""
+
+    def __call__(self, frame):
+        return np.full(frame.shape[:2], frame.shape[1] / 1000, np.float32)
 
 
 # ---------------------------------------------------------------- losses
@@ -270,10 +296,11 @@ def test_the_schedule_warms_up_then_follows_a_cosine_to_its_floor():
     assert all(p.requires_grad for p in model.stages[2].parameters())
     optimizer, scheduler = E.build_optimizer(model, cfg)
     groups = {g["name"]: g for g in optimizer.param_groups}
-    lrs, enc = [], []
+    lrs, enc, cal = [], [], []
     for _ in range(cfg.steps):
         lrs.append(groups["decoder"]["lr"])
         enc.append(groups["encoder"]["lr"])
+        cal.append(groups["calibration_no_decay"]["lr"])
         optimizer.step()
         scheduler.step()
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -282,6 +309,8 @@ def test_the_schedule_warms_up_then_follows_a_cosine_to_its_floor():
     mid = 10 + (100 - 10 - 1) // 2
     assert lrs[mid] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (mid - 10) / 89))))
     assert np.allclose(enc, np.array(lrs) * 0.1)
+    assert np.allclose(cal, np.array(lrs) * cfg.optim.calibration_lr_scale)
+    assert groups["calibration_no_decay"]["params"] == [model.calibration.delta]
     assert groups["decoder_no_decay"]["weight_decay"] == 0.0
 
 

@@ -94,6 +94,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> MattingNet:
     ckpt = read_checkpoint(path, map_location)
     config = dict(ckpt["config"])
     config.setdefault("arch", 1)  # written before architecture versions existed
+    config.setdefault("prior_calibration", 0)  # written before the calibration existed
     if (config.get("prior") or {}).get("version") is None:
         # Written before priors were recorded in full: such a model met the smoother's settings of then.
         config["prior"] = resolve_prior_spec(config.get("prior"), smoother_defaults=LEGACY_SMOOTHER_SPEC)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matting_core.model.backbone import SKIP_CHANNELS, SKIP_INDICES, load_backbone_weights, mobilenet_v2_encoder
+from matting_core.model.calibration import PriorCalibration
 from matting_core.model.blocks import (AttentionGate, ConvBNReLU, ConvLSTM, DecoderBlock, SeparableConv,
                                        unfold_time)
 from matting_core.model.refine import GuidedRefiner
@@ -35,8 +36,9 @@ class MattingNet(nn.Module):
     state across frames, then an `AttentionGate` driven by the decoder's next-coarser feature
     (image-level context, the skip's global average, at the deepest skip) weighs it before the
     decoder concatenates it with its upsampled features. The head, at full resolution, sees the
-    input again and predicts residuals added to the prior (alpha) and to the input colour
-    (foreground); its last layer starts at zero, so an untrained net returns the prior.
+    input again and predicts residuals added to the calibrated prior (alpha: `PriorCalibration`,
+    a learned per-value map of the prior's probability, identity at the start) and to the input
+    colour (foreground); its last layer starts at zero, so an untrained net returns the prior.
 
     Architecture versions (`arch`, stored in the config; checkpoints without it are version 1):
     version 2 (the default) keeps every structural element of version 1 (encoder, skips, a
@@ -63,6 +65,8 @@ class MattingNet(nn.Module):
         prior: the prior stream the model learns and is used with (a `resolve_prior_spec` input;
             recorded resolved, so inference rebuilds exactly it whatever the defaults become).
         arch: architecture version, 1 or 2 (see above).
+        prior_calibration: knots of the `PriorCalibration` table (0: none, the residual is added
+            to the raw prior; checkpoints written before it existed load with 0).
 
     Shapes: `src` `[B,T,3,H,W]` (or `[B,3,H,W]`), `prior` `[B,T,1,H,W]` (or `[B,1,H,W]`), values in
     [0,1], any H and W. Returns `pha` `[B,T,1,H,W]` and `fgr` `[B,T,3,H,W]` in [0,1] (4-D for 4-D
@@ -79,7 +83,8 @@ class MattingNet(nn.Module):
                  refine_radius: int = 1,
                  refine_eps: float = 1e-5,
                  prior: Optional[Dict[str, Any]] = None,
-                 arch: int = ARCH_VERSION) -> None:
+                 arch: int = ARCH_VERSION,
+                 prior_calibration: int = 11) -> None:
         super().__init__()
         if arch not in (1, 2):
             raise ValueError(f"arch must be 1 or 2, got {arch!r}")
@@ -94,6 +99,7 @@ class MattingNet(nn.Module):
             "refine_eps": float(refine_eps),
             "prior": resolve_prior_spec(prior),
             "arch": int(arch),
+            "prior_calibration": int(prior_calibration),
         }
         self.arch = int(arch)
         # Set by optimize_for_inference: inputs are converted to channels-last, the weights' layout.
@@ -133,6 +139,7 @@ class MattingNet(nn.Module):
         nn.init.zeros_(self.output_conv.weight)
         nn.init.zeros_(self.output_conv.bias)
         self.refiner = GuidedRefiner(refine_radius, refine_eps)
+        self.calibration = PriorCalibration(prior_calibration) if prior_calibration else None
 
     @property
     def encoder(self) -> nn.Sequential:
@@ -240,7 +247,8 @@ class MattingNet(nn.Module):
             d = level(d, skips[3 - i])
         out = self.head(d, inp)  # [B*T,4,H_pad,W_pad]
         out = out[:, :, :h, :w]
-        pha = out[:, :1] + prior
+        base = prior if self.calibration is None else self.calibration(prior)
+        pha = out[:, :1] + base
         fgr = out[:, 1:] + src
         if clamp:
             pha = pha.clamp(0.0, 1.0)

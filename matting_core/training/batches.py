@@ -1,18 +1,18 @@
-"""Training samples from clip records: crop and resize, flip, time reversal, colour, backgrounds, the prior.
+"""Training samples from clip records: pauses, flip, backgrounds, colour, the prior, crop and resize, time reversal.
 
-A sample is made from one `ClipRecord` (frames, fgr, alpha and flow read) with its own
+A sample is made from one `ClipRecord` (frames, fgr, bgr, alpha and flow read) with its own
 `np.random.Generator` (`sample_rng(seed, step, rank, index)`: never the global RNG), so the same
 (seed, step, rank) always gives the same batch whatever order workers run in.
 
 The prior enters training exactly as at inference: the recipe's `PriorStream` (prior plus the
-`TemporalSmoother` on DIS flow of the frames) runs over the augmented composite frames, reset at
-the start of every clip. It is computed here, in data loading, rather than cached by `generate`:
-every augmentation (crop, flip, reversal, colour, a new background) changes what the prior sees,
-so a cached map would be the prior of a different video. Measured on these 2 cores (cpu-small,
-4 frames at 256x256 from 512x288 clips): the selfie prior and its smoothing 9 ms per clip
-(2.2 ms/frame), the rest of a sample 17 ms, decoding the clip's columns about 50 ms; a cpu-small
-step (2 clips) takes 0.4-0.5 s. At 512x288 (gpu preset, 12 frames): prior 3.2 ms/frame, the rest
-of a sample 46 ms per clip.
+`TemporalSmoother` on DIS flow of the frames) runs over the whole augmented composite frames, in
+the order the clip plays, reset at the start of every clip; the sample's crop is then cut from
+its map as from the frames. It is computed here, in data loading, rather than cached by
+`generate`: every augmentation (flip, reversal, a pause, colour, a new background) changes what
+the prior sees, so a cached map would be the prior of a different video. Cost on these 2 cores:
+the selfie prior and its smoothing about 3.2 ms per 512x288 frame, the rest of a sample a few
+tens of ms per clip; `matting train` makes the next batch in a helper thread while a step
+computes (`bench/bench_train.py` prints what a step still waits).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from matting_core.prior import PriorStream
 __all__ = ["RECORD_COLUMNS", "Batch", "sample_rng", "make_sample", "collate", "invert_flow", "iter_batches",
            "shuffled"]
 
-# The clip columns a sample needs (`iter_clips(uri, columns=RECORD_COLUMNS)`); bgr is not read:
-# a swapped background is composited from fgr and alpha.
-RECORD_COLUMNS = ["frames", "fgr", "alpha", "flow"]
+# The clip columns a sample needs (`iter_clips(uri, columns=RECORD_COLUMNS)`); bgr is composited
+# behind a still subject (AugmentConfig.still).
+RECORD_COLUMNS = ["frames", "fgr", "bgr", "alpha", "flow"]
 # Separates the sample streams from other seeded streams (clip synthesis uses [seed, index]).
 _SAMPLE_STREAM = 0x7EA1
 _INVERT_ITERATIONS = 4  # from the splat's guess; more changed the valid share by < 0.5%
@@ -240,16 +240,18 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     """One training sample (numpy, `[T,C,H,W]` float32 like a Batch's clips) from a decoded clip.
 
     In order: a window of `cfg.frames` frames (random when the clip is longer, the first ones
-    without `augment`); a crop with the training aspect and a random scale, centred on a random
-    point of the subject, resized to `cfg.augment.size`, flow cropped and its vectors scaled
-    (without `augment`: the whole frame scaled to fit inside that size, as inference sees it); a
-    horizontal flip (flow x negated); a procedural background composited behind F and alpha; one
-    colour jitter for the clip's frames and foregrounds alike; time reversal (flow inverted, see
-    `_reverse`); then the prior stream, reset, over the resulting frames, as inference runs it.
+    without `augment`), made a pause (`augment.still`: the first pose held over the clip's moving
+    background, zero flow); on the whole frames, a horizontal flip (flow x negated), a procedural
+    background composited behind F and alpha, one colour jitter for the clip's frames and
+    foregrounds alike, and the prior stream, reset, run over them in the order the clip plays (as
+    inference runs it on a video); then a crop with the training aspect and a random scale,
+    centred on a random point of the subject, resized to `cfg.augment.size` with the prior, flow
+    cropped and its vectors scaled (without `augment`: the whole frame scaled to fit inside that
+    size); last, time reversal (flow inverted, see `_reverse`).
     Keys: src, prior, pha, fgr, flow, flow_valid (as in `Batch`), clip_id, reversed.
     """
     aug = cfg.augment
-    if record.frames is None or record.alpha is None or record.fgr is None or record.flow is None:
+    if any(getattr(record, name) is None for name in RECORD_COLUMNS):
         raise ValueError(f"clip {record.clip_id}: a training sample needs the columns {', '.join(RECORD_COLUMNS)}")
     T_clip = record.alpha.shape[0]
     T = int(cfg.frames)
@@ -260,34 +262,39 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     frames, fgr, alpha = record.frames[window], record.fgr[window], record.alpha[window]
     flow = record.flow[window].copy()
     flow[0] = 0.0  # the window's first frame has no previous frame
+    if augment and rng.random() < aug.still:
+        # A pause: the window's first pose held over the clip's own moving background. Fake
+        # motion never stops, and a person who holds still is where a matte must not flicker.
+        a0, f0 = alpha[:1], fgr[:1].astype(np.float32)
+        mix = a0[..., None] * f0 + (1.0 - a0[..., None]) * record.bgr[window].astype(np.float32)
+        frames = np.clip(mix + 0.5, 0, 255).astype(np.uint8)
+        fgr, alpha = np.repeat(fgr[:1], T, axis=0), np.repeat(alpha[:1], T, axis=0)
+        flow[:] = 0.0
     # Where the true flow is defined: the foreground (frame 0's has no previous frame in the
     # window, which only matters when the clip plays forward: its flow is never used then).
     defined = (alpha > 0).astype(np.float32)
+    height, width = alpha.shape[1:]
 
-    # Crop and resize: the same box for the whole clip (the camera does not move with it).
+    # Crop box: the same for the whole clip (the camera does not move with it). Drawn first so
+    # the random streams do not depend on what the augmentations below draw.
     if augment:
         W, H = aug.size
         x0, y0, cw, ch = _crop_box(alpha, (W, H), float(rng.uniform(*aug.scale)), rng)
     else:  # the whole frame, as inference sees it, scaled to fit the training size
-        (ch, cw), (x0, y0) = alpha.shape[1:], (0, 0)
+        (ch, cw), (x0, y0) = (height, width), (0, 0)
         fit = min(aug.size[0] / cw, aug.size[1] / ch)
         W, H = max(8, round(cw * fit)), max(8, round(ch * fit))
-    box = (slice(None), slice(y0, y0 + ch), slice(x0, x0 + cw))
-    # (OpenCV takes the crops' row strides as they are: no copies.)
-    frames = np.stack([_resize(f, (W, H)) for f in frames[box]])
-    fgr = np.stack([_resize(f, (W, H)) for f in fgr[box]])
-    alpha = np.stack([_resize(a, (W, H)) for a in alpha[box]])
-    flow = np.stack([resize_flow(f, (H, W)) for f in flow[box]])
-    defined = np.stack([cv2.resize(d, (W, H), interpolation=cv2.INTER_LINEAR) for d in defined[box]])
 
+    # Flip, background and colour act on whole frames: the prior below must see what inference sees.
     if augment and rng.random() < aug.flip:
         frames, fgr, alpha = frames[:, :, ::-1], fgr[:, :, ::-1], alpha[:, :, ::-1]
         flow, defined = flow[:, :, ::-1].copy(), defined[:, :, ::-1]
         flow[..., 0] *= -1.0
         frames, fgr, alpha, defined = (np.ascontiguousarray(a) for a in (frames, fgr, alpha, defined))
+        x0 = width - x0 - cw  # the box follows the subject into the mirror
 
     if augment and rng.random() < aug.background:
-        bgr = procedural_background(rng, T, (W, H)).astype(np.float32)
+        bgr = procedural_background(rng, T, (width, height)).astype(np.float32)
         a = alpha[..., None]
         frames = np.clip(a * fgr.astype(np.float32) + (1.0 - a) * bgr + 0.5, 0, 255).astype(np.uint8)
 
@@ -295,17 +302,34 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
         matrix = colour_matrix(rng, aug)
         frames, fgr = _apply_colour(frames, matrix), _apply_colour(fgr, matrix)
 
+    # The prior stream, reset, over the whole frames in the order the clip plays, as inference
+    # runs it on a video; then cropped like the frames. Computing it on the crop instead gives
+    # the prior a zoomed-in, sharper view than inference ever gives it, and the net then learns
+    # to correct a prior it will not meet.
     reverse = bool(augment and rng.random() < aug.reverse)
+    prior_stream.reset()
+    order = range(T - 1, -1, -1) if reverse else range(T)
+    prior = np.empty((T, height, width), np.float32)
+    for t in order:
+        prior[t] = prior_stream(np.ascontiguousarray(frames[t]))
+
+    box = (slice(None), slice(y0, y0 + ch), slice(x0, x0 + cw))
+    # (OpenCV takes the crops' row strides as they are: no copies.)
+    frames = np.stack([_resize(f, (W, H)) for f in frames[box]])
+    fgr = np.stack([_resize(f, (W, H)) for f in fgr[box]])
+    alpha = np.stack([_resize(a, (W, H)) for a in alpha[box]])
+    prior = np.stack([_resize(p, (W, H)) for p in prior[box]])
+    flow = np.stack([resize_flow(f, (H, W)) for f in flow[box]])
+    defined = np.stack([cv2.resize(d, (W, H), interpolation=cv2.INTER_LINEAR) for d in defined[box]])
+
     if reverse:
         frames, fgr, alpha, flow, valid = _reverse(frames, fgr, alpha, flow, defined)
+        prior = prior[::-1]
     else:
         valid = np.zeros((T, H, W), np.float32)
         for t in range(1, T):
             valid[t] = (defined[t] >= _FULL) & source_inside(flow[t])
         flow = flow * (valid[..., None] > 0)
-
-    prior_stream.reset()
-    prior = np.stack([prior_stream(np.ascontiguousarray(f)) for f in frames])
 
     return {
         "src": np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32) * (1.0 / 255.0),

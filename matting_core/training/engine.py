@@ -89,8 +89,9 @@ def lr_factor(step: int, cfg: RecipeConfig) -> float:
 
 def build_optimizer(model: nn.Module, cfg: RecipeConfig
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (encoder at `lr * encoder_lr_scale`, last layer at `lr * head_lr_scale`, no decay on biases
-    and norms) and its LambdaLR schedule; groups are named (`encoder`, `decoder`, `head`, `*_no_decay`).
+    """AdamW (encoder at `lr * encoder_lr_scale`, last layer at `lr * head_lr_scale`, the prior
+    calibration at `lr * calibration_lr_scale`; no decay on biases, norms and the calibration table)
+    and its LambdaLR schedule; groups are named (`encoder`, `decoder`, `head`, `calibration`, `*_no_decay`).
 
     Call `scheduler.step()` once per optimizer step (`train_step` does); the lr of step k is
     `lr * lr_factor(k, cfg)`.
@@ -99,15 +100,19 @@ def build_optimizer(model: nn.Module, cfg: RecipeConfig
     o = cfg.optim
     encoder = {id(p) for p in net.stages.parameters()}
     head = {id(p) for p in net.output_conv.parameters()}
+    calibration = {id(p) for p in net.calibration.parameters()} if net.calibration is not None else set()
     groups: dict[str, list] = defaultdict(list)
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        part = "encoder" if id(p) in encoder else "head" if id(p) in head else "decoder"
+        part = ("encoder" if id(p) in encoder else "head" if id(p) in head
+                else "calibration" if id(p) in calibration else "decoder")
         groups[part + ("" if p.ndim > 1 else "_no_decay")].append(p)
-    scale = {"encoder": o.encoder_lr_scale, "decoder": 1.0, "head": o.head_lr_scale}
+    scale = {"encoder": o.encoder_lr_scale, "decoder": 1.0, "head": o.head_lr_scale,
+             "calibration": o.calibration_lr_scale}
     param_groups = []
-    for name in ("encoder", "encoder_no_decay", "decoder", "decoder_no_decay", "head", "head_no_decay"):
+    for name in ("encoder", "encoder_no_decay", "decoder", "decoder_no_decay", "head", "head_no_decay",
+                 "calibration_no_decay"):
         if groups[name]:
             lr = o.lr * scale[name.split("_")[0]]
             param_groups.append({"params": groups[name], "lr": lr, "name": name,
