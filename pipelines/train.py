@@ -199,7 +199,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     # this one computes: OpenCV, numpy and LiteRT release the GIL. data_s is the time the step
     # then still waits for it.
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matting-batches")
-    upcoming = loader.submit(batch_at, step)
+    upcoming = loader.submit(batch_at, step) if step < recipe.steps else None
     start_time, start_step = time.perf_counter(), step
     while step < recipe.steps:
         t0 = time.perf_counter()
