@@ -1,7 +1,8 @@
 """PriorCalibration: a learned lookup table that maps the prior's probability to alpha.
 
 A segmentation model's person probability is not an alpha matte: near edges it is spread over
-more pixels than the person covers, and how much depends on the prior model, not on the person.
+more pixels than the person covers, by an amount that comes mostly from the prior model (though
+it varies between people too).
 A per-value map of the prior is the cheapest correction there is to learn (the best table under
 an L1 loss is the per-value median of the true alpha, and the loss is convex in the table's
 entries), so the network's residual is added to the calibrated prior instead of the raw one.
