@@ -233,12 +233,10 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def validation_batches(index, ids: list[int], recipe, prior_stream):
     """Batches of the validation clips `ids`, whole and unaugmented, with the prior as inference computes it."""
-    from matting_core.training.batches import RECORD_COLUMNS, collate, make_sample, sample_rng
+    from matting_core.training.batches import RECORD_COLUMNS, iter_batches
 
-    for start in range(0, len(ids), recipe.batch_size):
-        chunk = ids[start:start + recipe.batch_size]
-        yield collate([make_sample(index.read(c, RECORD_COLUMNS), recipe, sample_rng(recipe.seed, 0, 0, j),
-                                   prior_stream, augment=False) for j, c in enumerate(chunk)])
+    records = (index.read(c, RECORD_COLUMNS) for c in ids)
+    return iter_batches(records, recipe, prior_stream, augment=False, drop_last=False)
 
 
 def _val_batches(recipe) -> int:
