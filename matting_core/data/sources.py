@@ -3,12 +3,17 @@
 Photos come as `image/` + `alpha/` folders paired by file stem, as RGBA images, or as a CSV/Parquet
 manifest with `image` and `alpha` columns. Backgrounds are video files or folders of numbered
 frames. Every rejected input becomes a `Rejection(uri, reason)`; nothing here stops on bad input.
+
+Photos are bounded before they are decoded: the pixel count is read from the file's header and a
+photo (or alpha) above `max_pixels` is rejected, so a small file that decodes to gigabytes never
+reaches the decoder, in validation or in a worker loading it later.
 """
 from __future__ import annotations
 
 import io
 import os
 import posixpath
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -24,12 +29,17 @@ from matting_core.video import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, 
 
 __all__ = ["SourceError", "Rejection", "PhotoSource", "PhotoInfo", "Photo", "BackgroundSource",
            "discover_photos", "discover_backgrounds", "validate_photo", "validate_background", "validate_all",
-           "load_photo", "PhotoCache", "BackgroundReader", "pingpong_indices"]
+           "load_photo", "PhotoCache", "BackgroundReader", "pingpong_indices", "image_size",
+           "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SUBJECT"]
 
 IMAGE_DIRS = ("image", "images", "img", "fg")
 ALPHA_DIRS = ("alpha", "alphas", "matte", "mattes", "pha")
 IGNORED_DIRS = ("trimap", "trimap1", "trimap2", "trimaps")
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS + (".webp", ".tif", ".tiff", ".bmp")
+# Real photos are at most a few tens of megapixels; 50 MP decodes to 150 MB RGB (+200 MB float alpha).
+DEFAULT_MAX_PIXELS = 50_000_000
+# Below this the subject is no person a model could learn from (and 1 px breaks foreground estimation).
+DEFAULT_MIN_SUBJECT = 16
 
 
 class SourceError(InputError):
@@ -198,16 +208,76 @@ def _read_alpha(uri: str, data: bytes) -> np.ndarray:
     return img.astype(np.float32) / scale
 
 
-def _decode_photo(src: PhotoSource, reduce: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def image_size(data: bytes, uri: str = "") -> tuple[int, int] | None:
+    """(width, height) from an image file's header (PNG, JPEG, WebP, TIFF, BMP) without decoding
+    its pixels, or None when no header is recognised (the decoder then reports why)."""
+    from PIL import Image  # Pillow's open() parses the header only; pixels load on first access
+
+    with warnings.catch_warnings():
+        # Pillow's own decompression-bomb guard warns or raises above ~90/180 MP; the caller's
+        # limit decides here, so the size must come back whatever it is.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+        except Image.DecompressionBombError:
+            return _size_past_bomb_guard(data)
+        except (OSError, ValueError, SyntaxError):
+            return None
+
+
+def _size_past_bomb_guard(data: bytes) -> tuple[int, int] | None:
+    # Image.open refuses very large images before telling their size; the format plugins
+    # themselves only read the header.
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept and not accept(prefix):
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as im:
+                return im.size
+        except (OSError, ValueError, SyntaxError, IndexError, TypeError):
+            continue
+    return None
+
+
+def _check_pixels(uri: str, data: bytes, max_pixels: int | None) -> None:
+    """Raise SourceError when the image in `data` has more than `max_pixels` pixels (header only)."""
+    if not max_pixels:
+        return
+    size = image_size(data, uri)
+    if size is not None and size[0] * size[1] > max_pixels:
+        w, h = size
+        raise SourceError(uri, f"image too large: {w}x{h} = {w * h / 1e6:.3g} megapixels, above the limit of "
+                               f"{max_pixels / 1e6:.3g} megapixels (max_photo_pixels)")
+
+
+def _read_checked(uri: str, max_pixels: int | None) -> bytes:
+    data = storage.read_bytes(uri)
+    _check_pixels(uri, data, max_pixels)
+    return data
+
+
+def _decode_photo(src: PhotoSource, reduce: int = 1,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Decode image and alpha; `reduce` (2, 4 or 8) decodes a JPEG at that fraction of its size
-    (libjpeg scales in the DCT, several times faster) and shrinks the alpha to match."""
+    (libjpeg scales in the DCT, several times faster) and shrinks the alpha to match. Either file
+    above `max_pixels` (None: no limit) is rejected from its header, before decoding."""
     flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
     use_reduced = reduce in flags and src.alpha is not None and src.image.lower().endswith((".jpg", ".jpeg"))
     try:
-        raw = decode_image(storage.read_bytes(src.image), src.image,
-                           flags[reduce] if use_reduced else cv2.IMREAD_UNCHANGED)
+        image_data = _read_checked(src.image, max_pixels)
+        alpha_data = _read_checked(src.alpha, max_pixels) if src.alpha is not None else None
     except FileNotFoundError as exc:
-        raise SourceError(src.image, "image file not found") from exc
+        missing = src.image if not storage.exists(src.image) else src.alpha
+        raise SourceError(missing, "image file not found" if missing == src.image
+                          else "missing alpha: file not found") from exc
+    try:
+        raw = decode_image(image_data, src.image, flags[reduce] if use_reduced else cv2.IMREAD_UNCHANGED)
     except (ValueError, OSError) as exc:
         raise SourceError(src.image, f"corrupt or truncated image: {getattr(exc, 'reason', exc)}") from exc
     if raw.ndim == 2:
@@ -220,9 +290,7 @@ def _decode_photo(src: PhotoSource, reduce: int = 1) -> tuple[np.ndarray, np.nda
         alpha = raw[:, :, 3].astype(np.float32) / 255.0
     else:
         try:
-            alpha = _read_alpha(src.alpha, storage.read_bytes(src.alpha))
-        except FileNotFoundError as exc:
-            raise SourceError(src.alpha, "missing alpha: file not found") from exc
+            alpha = _read_alpha(src.alpha, alpha_data)
         except (ValueError, OSError) as exc:
             raise SourceError(src.alpha, f"corrupt or truncated alpha: {getattr(exc, 'reason', exc)}") from exc
     image = cv2.cvtColor(raw[:, :, :3], cv2.COLOR_BGR2RGB)
@@ -246,10 +314,21 @@ def _bbox(alpha: np.ndarray, uri: str) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def validate_photo(src: PhotoSource) -> PhotoInfo:
-    """Decode a photo and its alpha and check them; raises SourceError naming the file."""
-    image, alpha = _decode_photo(src)
-    return PhotoInfo(src.image, src.alpha, image.shape[1], image.shape[0], _bbox(alpha, src.alpha or src.image))
+def validate_photo(src: PhotoSource, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   min_subject: int = DEFAULT_MIN_SUBJECT) -> PhotoInfo:
+    """Decode a photo and its alpha and check them; raises SourceError naming the file.
+
+    Rejected: either file above `max_pixels` (from the header, before decoding; None: no limit),
+    and a subject (the alpha's bounding box) under `min_subject` pixels on either side.
+    """
+    image, alpha = _decode_photo(src, max_pixels=max_pixels)
+    bbox = _bbox(alpha, src.alpha or src.image)
+    bw, bh = bbox[2] - bbox[0], bbox[3] - bbox[1]
+    if min(bw, bh) < min_subject:
+        raise SourceError(src.alpha or src.image, f"subject too small: the alpha's bounding box is {bw}x{bh} "
+                                                  f"pixels, under the minimum of {min_subject} px on each side "
+                                                  f"(min_subject_px)")
+    return PhotoInfo(src.image, src.alpha, image.shape[1], image.shape[0], bbox)
 
 
 def validate_background(src: BackgroundSource) -> VideoInfo:
@@ -277,12 +356,13 @@ def validate_all(sources: list, validate) -> tuple[list, list[Rejection]]:
 
 
 def load_photo(src: PhotoSource | PhotoInfo, max_height: int | None = None,
-               estimate_foreground: bool = True) -> Photo:
+               estimate_foreground: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Photo:
     """Decode a photo, crop it to its subject and estimate the true foreground colour.
 
     The crop is scaled so the subject is at most `max_height` pixels tall: synthesis only ever
     shrinks it further, and foreground estimation (pymatting's multilevel method, which removes
-    the colour of the photo's original background at soft edges) costs time per pixel.
+    the colour of the photo's original background at soft edges) costs time per pixel. Files above
+    `max_pixels` are rejected before decoding, as in `validate_photo`.
     """
     reduce = 1
     if isinstance(src, PhotoInfo) and max_height:
@@ -290,7 +370,7 @@ def load_photo(src: PhotoSource | PhotoInfo, max_height: int | None = None,
         while reduce < 8 and subject / (reduce * 2) >= max_height * 1.1:
             reduce *= 2
     src = src if isinstance(src, PhotoSource) else PhotoSource(src.image, src.alpha)
-    image, alpha = _decode_photo(src, reduce)
+    image, alpha = _decode_photo(src, reduce, max_pixels)
     x0, y0, x1, y1 = _bbox(alpha, src.alpha or src.image)
     pad = int(0.02 * max(x1 - x0, y1 - y0))
     h, w = alpha.shape
@@ -303,7 +383,8 @@ def load_photo(src: PhotoSource | PhotoInfo, max_height: int | None = None,
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_AREA)
     alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
-    if estimate_foreground:
+    # pymatting's level count is log2 of the longest side: a one-pixel crop divides by zero
+    if estimate_foreground and max(image.shape[:2]) > 1:
         from pymatting import estimate_foreground_ml  # heavy import (numba); only where needed
 
         fgr = estimate_foreground_ml(image.astype(np.float32) / 255.0, alpha)
@@ -316,8 +397,9 @@ def load_photo(src: PhotoSource | PhotoInfo, max_height: int | None = None,
 class PhotoCache:
     """Per-worker LRU of prepared photos (decoding and foreground estimation run once per photo)."""
 
-    def __init__(self, max_items: int = 64, max_height: int | None = None):
-        self.max_items, self.max_height = max_items, max_height
+    def __init__(self, max_items: int = 64, max_height: int | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.max_items, self.max_height, self.max_pixels = max_items, max_height, max_pixels
         self._items: OrderedDict[str, Photo] = OrderedDict()
 
     def get(self, src: PhotoSource | PhotoInfo) -> Photo:
@@ -326,7 +408,7 @@ class PhotoCache:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        photo = load_photo(src, self.max_height)
+        photo = load_photo(src, self.max_height, max_pixels=self.max_pixels)
         self._items[key] = photo
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
