@@ -4,6 +4,11 @@ Configs are frozen stdlib dataclasses next to the code that uses them; pydantic 
 (strictly: "5" is not an int, a list is not a string) and names the dotted key at fault. Each
 command's flags are generated from its config's fields: the help comes from `option(...)`
 metadata, the default is appended from the dataclass itself, and `Flag` reaches nested fields.
+
+Numeric ranges are pydantic constraints in the field's annotation (`PositiveInt`,
+`Annotated[int, Interval(ge=1, le=100)]`); a library config nested in a job config checks its own
+invariants in `__post_init__`, raising `ValueError("field: reason")`. Either way a bad value is a
+ConfigError naming the key (and, from the command line, the flag) before any work starts.
 """
 from __future__ import annotations
 
@@ -14,20 +19,33 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, NamedTuple, TypeVar
+from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple, TypeVar
 
 import pydantic
 import yaml
+from annotated_types import Interval
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from matting_core import storage
 
 C = TypeVar("C")
 
+# the constrained types job configs declare their numeric fields with
+__all__ = ["Annotated", "Interval", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt",
+           "ConfigError", "Flag", "option", "from_dict", "load", "to_dict", "require", "add_command", "from_args"]
+
 _DEST = "cfg:"  # argparse dests holding config values start with this, then the dotted key
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the job's config type."""
+    """A config file or override that does not fit the job's config type.
+
+    `problems` holds (dotted key, what is wrong) pairs, so the CLI can name its flags instead.
+    """
+
+    def __init__(self, message: str, problems: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.problems = problems
 
 
 class Flag(NamedTuple):
@@ -70,15 +88,26 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     try:
         return _adapter(cls).validate_json(blob, strict=True, extra="forbid")
     except pydantic.ValidationError as exc:
-        raise ConfigError("; ".join(_describe(cls, err) for err in exc.errors())) from None
+        problems = tuple(_describe(cls, err) for err in exc.errors())
+        raise ConfigError("; ".join(f"{k}: {why}" for k, why in problems), problems) from None
 
 
-def _describe(cls: type, err: dict) -> str:
+def _describe(cls: type, err: dict) -> tuple[str, str]:
+    """(dotted key, what is wrong) of one pydantic error."""
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         known = [f.name for f in dataclasses.fields(_type_at(cls, ".".join(map(str, err["loc"][:-1]))))]
-        return f"{key}: unknown key (known there: {', '.join(known)})"
-    return f"{key}: {err['msg'][:1].lower()}{err['msg'][1:]}, got {err['input']!r}"
+        return key, f"unknown key (known there: {', '.join(known)})"
+    if err["type"] == "value_error":
+        # a nested library config's own check: ValueError("field: reason") names its field
+        inner = str(err.get("ctx", {}).get("error", err["msg"]))
+        field_name, sep, why = inner.partition(": ")
+        if sep and field_name.isidentifier():
+            return f"{key}.{field_name}" if key else field_name, why
+        return key, inner
+    if err["type"] == "missing" and err["loc"] and isinstance(err["loc"][-1], int):
+        return _root(key), f"too few values (e.g. 512x288 for a size), got {err['input']!r}"
+    return key, f"{err['msg'][:1].lower()}{err['msg'][1:]}, got {err['input']!r}"
 
 
 def load(cls: type[C], uri: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
@@ -143,14 +172,42 @@ def add_command(subparsers, name: str, cls: type, run: Callable[[argparse.Namesp
     for n in nested:
         value = functools.reduce(getattr, n.key.split("."), defaults)
         _add_flag(p, n.key, _type_at(cls, n.key), value, {"help": n.help, "metavar": n.metavar, "flags": (n.flag,)})
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, **{_FLAGS: _flag_names(p)})
     return p
 
 
+_FLAGS = "cfg_flags"  # the parser default holding {dotted key: flag} for error messages
+
+
+def _flag_names(p: argparse.ArgumentParser) -> dict[str, str]:
+    return {a.dest[len(_DEST):]: (a.option_strings[-1] if a.option_strings else a.metavar or a.dest)
+            for a in p._actions if a.dest.startswith(_DEST)}
+
+
 def from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """The config of a parsed command line: defaults < `--config` < the flags given."""
+    """The config of a parsed command line: defaults < `--config` < the flags given.
+
+    A bad value is a ConfigError naming the flag (`--clips: input should be ...`), or the YAML
+    key when it came from the file or has no flag.
+    """
     given = {k[len(_DEST):]: v for k, v in vars(args).items() if k.startswith(_DEST) and v is not None}
-    return load(cls, args.config, given)
+    try:
+        return load(cls, args.config, given)
+    except ConfigError as exc:
+        if not exc.problems:
+            raise
+        flags = getattr(args, _FLAGS, {})
+        named = tuple((_flag_for(key, flags) if _root(key) in given else key, why) for key, why in exc.problems)
+        raise ConfigError("; ".join(f"{k}: {why}" for k, why in named), named) from None
+
+
+def _root(key: str) -> str:
+    """The dotted config key of `key` without list indices (`size[1]` -> `size`)."""
+    return key.split("[", 1)[0]
+
+
+def _flag_for(key: str, flags: dict[str, str]) -> str:
+    return flags.get(_root(key), key)
 
 
 def _add_flag(p: argparse.ArgumentParser, key: str, tp: Any, default: Any, meta: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from pipelines import config as cfglib
-from pipelines.config import option
+from pipelines.config import Annotated, Interval, NonNegativeInt, PositiveInt, option
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,13 @@ class DemoConfig:
     """Configuration of `matting demo`."""
 
     out: str = option("demo-output", "output folder", metavar="DIR")
-    clips: int = option(48, "clips to generate", metavar="N")
-    workers: int = option(2, "Ray workers", metavar="N")
-    seed: int = option(0, "seed of the sources, the dataset and the benchmark", metavar="S")
-    photos: int = option(12, "procedural photos to make", metavar="N")
-    videos: int = option(3, "procedural background videos to make", metavar="N")
-    benchmark_clips: int = option(2, "benchmark clips", metavar="N")
-    benchmark_frames: int = option(24, "frames per benchmark clip", metavar="T")
+    clips: PositiveInt = option(48, "clips to generate", metavar="N")
+    workers: PositiveInt = option(2, "Ray workers", metavar="N")
+    seed: NonNegativeInt = option(0, "seed of the sources, the dataset and the benchmark", metavar="S")
+    photos: PositiveInt = option(12, "procedural photos to make", metavar="N")
+    videos: PositiveInt = option(3, "procedural background videos to make", metavar="N")
+    benchmark_clips: PositiveInt = option(2, "benchmark clips", metavar="N")
+    benchmark_frames: Annotated[int, Interval(ge=2)] = option(24, "frames per benchmark clip", metavar="T")
     model: str = option("", "checkpoint or models:/ reference to matte with (unset: a fresh, untrained one)",
                         metavar="REF")
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 from matting_core.evaluation.metrics import ALL_METRICS
 from pipelines import config as cfglib
-from pipelines.config import option
+from pipelines.config import Annotated, Interval, NonNegativeInt, option
 
 log = logging.getLogger("matting.evaluate")
 
@@ -53,10 +53,10 @@ class EvaluateConfig:
                                                    "available one), none, or a list of selfie,deeplabv3",
                                         metavar="LIST")
     prior_weights: str = option("default", "weights of the baseline priors: default|none|PATH", metavar="W")
-    threshold: float = option(0.5, "threshold of the thresholded baselines", metavar="T")
+    threshold: Annotated[float, Interval(gt=0.0, lt=1.0)] = option(0.5, "threshold of the thresholded baselines", metavar="T")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "where the model runs")
-    worst_frames: int = option(6, "worst frames per method in the contact sheet", metavar="N")
-    max_clips: int = option(0, "evaluate only the first N clips; 0: all", metavar="N")
+    worst_frames: NonNegativeInt = option(6, "worst frames per method in the contact sheet", metavar="N")
+    max_clips: NonNegativeInt = option(0, "evaluate only the first N clips; 0: all", metavar="N")
     log_to_mlflow: str = option("", "MLflow run id to attach metrics and report files to", metavar="RUN")
     tracking_uri: str = option("", "MLflow tracking URI (unset: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
                                metavar="URI")

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pipelines import config as cfglib
 from pipelines.cli import EXIT_FAILED, EXIT_OK, UsageError
-from pipelines.config import option
+from pipelines.config import Annotated, Interval, PositiveFloat, option
 
 EPILOG = """\
 examples:
@@ -39,11 +39,11 @@ class ExportConfig:
     out: str = option("", "output file (local path or URI)", metavar="OUT", positional=True)
     model: str = option("", "checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION", metavar="REF")
     format: Literal["torchscript", "onnx"] | None = option(None, "what to export to")
-    downsample_ratio: float = option(1.0, "run the network at R times the input size (fixed in the export)",
+    downsample_ratio: Annotated[float, Interval(gt=0.0, le=1.0)] = option(1.0, "run the network at R times the input size (fixed in the export)",
                                      metavar="R")
-    opset: int = option(17, "ONNX opset", metavar="N")
+    opset: Annotated[int, Interval(ge=11, le=23)] = option(17, "ONNX opset", metavar="N")
     verify: bool = option(True, "compare the export with PyTorch over 3 frames carrying state")
-    tolerance: float = option(1e-4, "largest |export - pytorch| that --verify accepts", metavar="TOL")
+    tolerance: PositiveFloat = option(1e-4, "largest |export - pytorch| that --verify accepts", metavar="TOL")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

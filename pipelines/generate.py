@@ -21,7 +21,7 @@ from typing import Any
 from matting_core import storage
 from matting_core.data.fakemotion import GENERATOR_VERSION, FakeMotionConfig
 from pipelines import config as cfglib
-from pipelines.config import option
+from pipelines.config import Annotated, Interval, NonNegativeInt, PositiveInt, option
 
 log = logging.getLogger("matting.generate")
 
@@ -38,13 +38,14 @@ class GenerateConfig:
                                      metavar="URI", repeat=True)
     backgrounds: tuple[str, ...] = option((), "background videos or frame folders", metavar="URI", repeat=True)
     out: str = option("", "output dataset (local path or s3://bucket/prefix)", metavar="URI")
-    clips: int = option(100, "number of clips", metavar="N")
-    seed: int = option(0, "job seed: the same sources and seed give the same clips", metavar="S")
-    workers: int = option(2, "parallel Ray Data workers", metavar="N")
-    shard_size: int = option(16, "clips per Parquet shard", metavar="N")
-    jpeg_quality: int = option(95, "JPEG quality of frames, fgr and bgr", metavar="Q")
+    clips: PositiveInt = option(100, "number of clips", metavar="N")
+    seed: NonNegativeInt = option(0, "job seed: the same sources and seed give the same clips", metavar="S")
+    workers: PositiveInt = option(2, "parallel Ray Data workers", metavar="N")
+    shard_size: PositiveInt = option(16, "clips per Parquet shard", metavar="N")
+    jpeg_quality: Annotated[int, Interval(ge=1, le=100)] = option(95, "JPEG quality of frames, fgr and bgr",
+                                                                  metavar="Q")
     overwrite: bool = option(False, "replace a dataset made with another configuration")
-    cache_mb: int = option(1024, "background frame cache per worker, in MiB", metavar="MB")
+    cache_mb: PositiveInt = option(1024, "background frame cache per worker, in MiB", metavar="MB")
     progress: bool = option(True, "progress bar, when stderr is a terminal")
     fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pipelines import config as cfglib
 from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
-from pipelines.config import option, to_dict
+from pipelines.config import Annotated, Interval, NonNegativeInt, PositiveFloat, option, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ class MatteConfig:
     amp: bool = option(True, "mixed precision on CUDA")
     alpha_bits: Literal[8, 16] = option(8, "bits of pha/*.png")
     composite_bg: str = option("green", "COLOR|IMAGE|VIDEO behind composite.mp4", metavar="BG")
-    downsample_ratio: float | None = option(None, "network input scale in (0,1] (unset: longer side at most "
-                                                  "--max-side)", metavar="R")
-    max_side: int = option(512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
-    fps: float | None = option(None, "frame rate of the outputs (unset: the video's; 25 for frame folders)",
+    downsample_ratio: Annotated[float, Interval(gt=0.0, le=1.0)] | None = option(
+        None, "network input scale in (0,1] (unset: longer side at most --max-side)", metavar="R")
+    max_side: Annotated[int, Interval(ge=32)] = option(
+        512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
+    fps: PositiveFloat | None = option(None, "frame rate of the outputs (unset: the video's; 25 for frame folders)",
                                metavar="FPS")
-    threads: int = option(0, "CPU threads for the network; 0: all", metavar="N")
-    encoder_threads: int | None = option(None, "threads per video encoder (unset: 1 for frames up to 640x480 "
+    threads: NonNegativeInt = option(0, "CPU threads for the network; 0: all", metavar="N")
+    encoder_threads: NonNegativeInt | None = option(None, "threads per video encoder (unset: 1 for frames up to 640x480 "
                                                "matted on the CPU, else FFmpeg's choice)", metavar="N")
     writer_thread: bool = option(True, "encode outputs in a thread, overlapping them with matting")
     progress: bool | None = option(None, "progress bar (unset: when stderr is a terminal)")
@@ -92,10 +93,6 @@ def _config(args: argparse.Namespace) -> MatteConfig:
         formats = parse_formats(cfg.formats)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if cfg.downsample_ratio is not None and not 0.0 < cfg.downsample_ratio <= 1.0:
-        raise UsageError(f"--downsample-ratio must be in (0, 1], got {cfg.downsample_ratio}")
-    if cfg.fps is not None and cfg.fps <= 0:
-        raise UsageError(f"--fps must be positive, got {cfg.fps}")
     return dataclasses.replace(cfg, formats=formats)
 
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.config import option
+from pipelines.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, option
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ class TrainConfig:
     preset: str = option("cpu-small", "recipe preset (cpu-small, gpu)", metavar="NAME")
     # Keys of RecipeConfig over the preset, from YAML only (nested: `recipe: {optim: {lr: 1e-4}}`).
     recipe: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
-    steps: int | None = option(None, "training steps (default: the preset's)")
+    steps: PositiveInt | None = option(None, "training steps (default: the preset's)")
     backbone_weights: str | None = option(None, "encoder initialisation: imagenet, none or a PATH "
                                                 "(default: the preset's)", metavar="W")
-    workers: int = option(2, "Ray Train workers (DDP processes)")
-    cpus_per_worker: float = option(1.0, "CPUs each worker reserves")
-    gpus_per_worker: float = option(0.0, "GPUs each worker reserves (0: train on CPUs with gloo)")
+    workers: PositiveInt = option(2, "Ray Train workers (DDP processes)")
+    cpus_per_worker: PositiveFloat = option(1.0, "CPUs each worker reserves")
+    gpus_per_worker: NonNegativeFloat = option(0.0, "GPUs each worker reserves (0: train on CPUs with gloo)")
     storage: str = option("./runs", "where checkpoints go: <storage>/<run name>/ (a path or s3://...)",
                           metavar="URI")
     experiment: str = option("matting", "MLflow experiment", metavar="NAME")
@@ -57,7 +57,7 @@ class TrainConfig:
     overwrite: bool = option(False, "start the run again instead of resuming or reporting it")
     tracking_uri: str | None = option(None, "MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
                                       metavar="URI")
-    max_failures: int = option(2, "worker failures a run survives (each restarts from the last checkpoint)")
+    max_failures: NonNegativeInt = option(2, "worker failures a run survives (each restarts from the last checkpoint)")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from matting_core.config_checks import check_range, check_size
+
 from matting_core import storage
 from matting_core.data.sources import (BackgroundReader, Photo, PhotoInfo, Rejection, SourceError,
                                   discover_backgrounds, discover_photos, load_photo,
@@ -53,6 +55,13 @@ class BenchmarkConfig:
     bg_zoom: float = 1.25                               # background read this much larger than the frame
     bg_pan: float = 0.08                                # max pan of the crop window / frame size
     still_share: float = 0.3                            # share of frame steps the subject holds still (0: none)
+
+    def __post_init__(self) -> None:
+        check_range("clips", self.clips, ge=1)
+        check_range("frames", self.frames, ge=2)
+        check_size("size", self.size, 32)
+        check_range("seed", self.seed, ge=0)
+        check_range("still_share", self.still_share, ge=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)

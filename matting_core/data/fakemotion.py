@@ -23,11 +23,16 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from matting_core.config_checks import check_range, check_size
+
 from matting_core.data.clips import Clip
 from matting_core.data.sources import Photo
 
 __all__ = ["GENERATOR_VERSION", "MotionConfig", "AugmentConfig", "FakeMotionConfig", "synthesize_clip", "clip_rng",
            "colour_matrix"]
+
+# Smallest clip side: the motion grids and the person's bounding box need room to exist.
+MIN_CLIP_SIDE = 32
 
 # Bump whenever synthesis makes something else from the same inputs, config and seed: it enters
 # the dataset fingerprint, so `generate` never resumes a dataset with shards of another version.
@@ -93,6 +98,11 @@ class FakeMotionConfig:
     background_zoom: float = 1.15
     motion: MotionConfig = field(default_factory=MotionConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        check_range("frames", self.frames, ge=2)  # one frame has no motion, and no flow to learn from
+        check_size("size", self.size, MIN_CLIP_SIDE)
+        check_range("background_zoom", self.background_zoom, ge=1.0)
 
 
 def clip_rng(seed: int, index: int) -> np.random.Generator:

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from matting_core.config_checks import check_range
+
 __all__ = ["AugmentConfig", "LossWeights", "OptimConfig", "RecipeConfig", "PRESETS", "BN_MODES",
            "recipe_to_dict", "recipe_from_dict"]
 
@@ -182,12 +184,12 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+            raise ValueError(f"bn: must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         for name in ("frames", "batch_size", "steps", "tbptt"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_share < 1.0:
-            raise ValueError(f"val_share must be in [0, 1), got {self.val_share}")
+            check_range(name, getattr(self, name), ge=1)
+        for name in ("val_every", "checkpoint_every", "log_every", "val_clips", "shuffle_buffer", "seed"):
+            check_range(name, getattr(self, name), ge=0)
+        check_range("val_share", self.val_share, ge=0.0, lt=1.0)
 
 
 def _plain(value: Any) -> Any:
