@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `matting` console script."""
+    from matting_core.redaction import RedactingStream
+
+    # Everything a command prints (its messages, logging, Ray's forwarded worker logs, a
+    # traceback) passes through redaction, so a password inside a URI never reaches the terminal.
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = build_parser()
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from matting_core.evaluation.metrics import ALL_METRICS
+from matting_core.redaction import redact_config
 from pipelines import config as cfglib
 from pipelines.config import Annotated, Interval, NonNegativeInt, option
 
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(clips, methods, metrics=metrics, truth_name=truth_uri, worst_frames=cfg.worst_frames,
                       on_problem=on_problem, on_frame=on_frame)
     print(format_table(result))
-    extra = {"config": dataclasses.asdict(cfg), "skipped_baselines": skipped}
+    extra = redact_config({"config": dataclasses.asdict(cfg), "skipped_baselines": skipped})
     paths = write_reports(result, cfg.out, extra=extra)
     print(f"report: {paths['json']} {paths['csv']} {paths['html']}")
     if cfg.log_to_mlflow:

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from matting_core.redaction import redact
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,7 +64,7 @@ def _download(ref: str, dst: str) -> Path:
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=dst, tracking_uri=uri,
                                                     registry_uri=uri)
     except Exception as exc:  # MlflowException and store errors: say which store was asked
-        raise ModelRefError(f"model {ref}: cannot be resolved in the MLflow store {uri} ({exc})") from exc
+        raise ModelRefError(redact(f"model {ref}: cannot be resolved in the MLflow store {uri} ({exc})")) from exc
     return Path(local)
 
 

@@ -396,15 +396,15 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
     if not uri.startswith(("http://", "https://")):
         return
-    from matting_core.storage import redact_uri
+    from matting_core.redaction import redact
 
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
             if reply.status != 200:
-                raise TrainRefused(f"tracking server {redact_uri(uri)} answered /health with {reply.status}")
+                raise TrainRefused(f"tracking server {redact(uri)} answered /health with {reply.status}")
     except (urllib.error.URLError, OSError) as exc:
-        raise TrainRefused(f"tracking server {redact_uri(uri)} is unreachable ({exc}); start it or unset "
-                           f"MLFLOW_TRACKING_URI to use the local store") from exc
+        raise TrainRefused(redact(f"tracking server {uri} is unreachable ({exc}); start it or unset "
+                                  f"MLFLOW_TRACKING_URI to use the local store")) from exc
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -475,6 +475,7 @@ def run_train(cfg, out=None) -> TrainSummary:
     from matting_core import storage
     from matting_core.data.clip_index import ClipIndex
     from matting_core.training.engine import split_by_photo
+    from matting_core.redaction import redact_config
     from pipelines.config import to_dict
     from pipelines.model_ref import tracking_uri
 
@@ -495,8 +496,8 @@ def run_train(cfg, out=None) -> TrainSummary:
     uri = absolute_tracking_uri(cfg.tracking_uri or tracking_uri())
     check_tracking(uri)
 
-    resolved = {"recipe": to_dict(recipe), "data": storage.redact_uri(cfg.data),
-                "val_data": cfg.val_data and storage.redact_uri(cfg.val_data), "preset": cfg.preset}
+    resolved = redact_config({"recipe": to_dict(recipe), "data": cfg.data, "val_data": cfg.val_data,
+                              "preset": cfg.preset})
     run_name = cfg.run_name or f"{cfg.experiment}-{config_hash(resolved)}"
     storage_root = cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)
     run_dir = storage.join(storage_root, run_name)
@@ -530,6 +531,7 @@ def _mlflow_run(job: TrainJob, run_dir: str, resolved: dict, data: str) -> tuple
     from mlflow.tracking import MlflowClient
 
     from matting_core import storage
+    from matting_core.redaction import redact
 
     client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
     record = storage.join(run_dir, RUN_FILE)
@@ -557,7 +559,7 @@ def _mlflow_run(job: TrainJob, run_dir: str, resolved: dict, data: str) -> tuple
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     manifest = storage.join(data, "manifest.json")
     digest = hashlib.sha256(storage.read_bytes(manifest)).hexdigest()[:16] if storage.exists(manifest) else None
-    dataset = MetaDataset(source=resolve_dataset_source(storage.redact_uri(data)), name="clips", digest=digest)
+    dataset = MetaDataset(source=resolve_dataset_source(redact(data)), name="clips", digest=digest)
     client.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                               tags=[InputTag("mlflow.data.context", "training")])])
     if storage.exists(manifest):
