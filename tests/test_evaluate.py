@@ -355,3 +355,18 @@ def test_baselines_over_a_clip_dataset(tmp_path, monkeypatch):
     assert report["clips"] == ["clip0", "clip1"]
     assert all(m["evaluated_frames"] == 8 for m in report["methods"])
     assert all("messddt" in m["overall"] for m in report["methods"])
+
+
+def test_temporal_metrics_are_not_computed_across_a_gap_in_the_truth_numbering(tmp_path):
+    """Truth frames 0,1,2,4,5 (no frame 3): frame 4 starts a new chain instead of pairing with 2."""
+    numbers = [0, 1, 2, 4, 5]
+    for root, digits, scale in ((tmp_path / "bench", 4, 30), (tmp_path / "pred", 6, 20)):
+        (root / "clip" / "pha").mkdir(parents=True)
+        for n in numbers:
+            cv2.imwrite(str(root / "clip" / "pha" / f"{n:0{digits}d}.png"), np.full((16, 16), scale * n, np.uint8))
+    result = evaluate(scan_benchmark(str(tmp_path / "bench")), [FolderMethod("m", str(tmp_path / "pred"))],
+                      metrics=("mad", "dtssd", "messddt"))
+    frames = {f["frame"]: f for f in result.methods[0].clips["clip"].frames}
+    assert sorted(frames) == numbers and not result.problems
+    assert frames[4]["dtssd"] == 0.0 and "messddt" not in frames[4]
+    assert frames[5]["dtssd"] == pytest.approx(100 * 10 / 255) and "messddt" in frames[5]

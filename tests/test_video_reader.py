@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -85,3 +86,96 @@ def test_prefetch_reraises_decoder_errors_in_the_consumer(tmp_path):
     write_mjpeg_with_corrupt_frame(path, frames=10, bad=5)
     with pytest.raises(VideoError, match="frame 5"):
         list(prefetch(iter_frames(str(path)), [0]))  # no on_error: the reader raises
+
+
+def write_size_change_video(path, first=(64, 48, 5), second=(80, 60, 4)):
+    """An MPEG-4 MKV whose frame size changes mid-stream: `first` then `second` (w, h, frames).
+
+    Two encodes are joined as MPEG-TS (which carries each part's headers in-band) and remuxed
+    into one MKV stream, as a recording that was spliced without re-encoding would be.
+    """
+    import io
+
+    parts = []
+    start = 0
+    for w, h, n in (first, second):
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mpegts") as c:
+            s = c.add_stream("mpeg4", rate=25)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            for i in range(start, start + n):
+                f = av.VideoFrame.from_ndarray(np.full((h, w, 3), 20 + 20 * i, np.uint8), format="rgb24")
+                f.pts = i
+                for p in s.encode(f):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        parts.append(buf.getvalue())
+        start += n
+    with av.open(io.BytesIO(b"".join(parts)), "r", format="mpegts") as src, av.open(str(path), "w") as dst:
+        ins = src.streams.video[0]
+        out = dst.add_stream_from_template(ins)
+        for p in src.demux(ins):
+            if p.dts is not None:
+                p.stream = out
+                dst.mux(p)
+    with av.open(str(path)) as c:
+        sizes = [(f.width, f.height) for f in c.decode(video=0)]
+    assert sizes == [first[:2]] * first[2] + [second[:2]] * second[2], sizes
+    return path
+
+
+def test_stream_size_is_the_first_decoded_frames(tmp_path):
+    path = write_size_change_video(tmp_path / "spliced.mkv")
+    info = probe(str(path), strict=False)
+    assert (info.width, info.height, info.frames) == (64, 48, 9)
+    assert info.numbers == tuple(range(9))
+
+
+def _write_frames(folder, numbers, size=(32, 24), name="{:04d}.png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        w, h = size(n) if callable(size) else size
+        cv2.imwrite(str(folder / name.format(n)), np.full((h, w, 3), 10 * n, np.uint8))
+    return folder
+
+
+def test_frame_folder_keeps_its_source_numbers(tmp_path):
+    from matting_core.video import prefetch
+
+    folder = _write_frames(tmp_path / "clip", [0, 1, 2, 4, 5])
+    info = probe(str(folder))
+    assert info.frames == 5 and info.numbers == (0, 1, 2, 4, 5)
+    assert info.gaps == ((3, 3),)
+    got = list(iter_frames(str(folder), numbered=True))
+    assert [n for n, _ in got] == [0, 1, 2, 4, 5]
+    assert [int(f[0, 0, 0]) for _, f in got] == [0, 10, 20, 40, 50]
+    assert [n for n, _ in prefetch(iter_frames(str(folder), numbered=True))] == [0, 1, 2, 4, 5]
+    # A corrupt frame is reported by its source number too.
+    (folder / "0004.png").write_bytes(b"not a png")
+    errors = []
+    got = list(iter_frames(str(folder), numbered=True, on_error=lambda i, m: errors.append(i)))
+    assert [n for n, _ in got] == [0, 1, 2, 5] and errors == [4]
+    # Numbers starting past 0, in names with a prefix, are kept as they are (no gap before them).
+    other = _write_frames(tmp_path / "shot", [7, 8, 10], name="frame_{:03d}.jpg")
+    assert probe(str(other)).numbers == (7, 8, 10) and probe(str(other)).gaps == ((9, 9),)
+
+
+def test_frame_folder_with_two_files_of_one_number_is_rejected(tmp_path):
+    folder = _write_frames(tmp_path / "clip", [0, 1, 2])
+    _write_frames(folder, [1], name="{:06d}.jpg")
+    with pytest.raises(VideoError, match="number 1"):
+        probe(str(folder))
+
+
+def test_video_stem_of_relative_local_folders(tmp_path, monkeypatch):
+    clip = tmp_path / "clip1"
+    (clip / "inner").mkdir(parents=True)
+    monkeypatch.chdir(clip)
+    assert video_stem(".") == "clip1"
+    assert video_stem("./") == "clip1"
+    assert video_stem("inner/..") == "clip1"
+    monkeypatch.chdir(clip / "inner")
+    assert video_stem("..") == "clip1"
+    assert video_stem("../inner/") == "inner"
+    assert video_stem(f"file://{clip}/") == "clip1"

@@ -7,6 +7,8 @@ file stem, so `0007.png` pairs with `000007.png`) or computes them while the tru
 (`StreamMethod`: a model or a baseline run on the composites). Problems (missing or extra clips
 and frames, wrong sizes, unreadable files) are collected, never silently skipped, and the rest is
 still evaluated. Overall values are the mean over clips of each clip's mean (as the field's tables).
+Temporal metrics (dtSSD, MESSDdt) pair frame n only with frame n-1 of both truth and prediction: a
+gap in either numbering starts a new temporal chain, as frame 0 does.
 """
 from __future__ import annotations
 
@@ -470,7 +472,6 @@ def evaluate(truth: Iterable[TruthClip], methods: list[Method], metrics: tuple[s
             results[m.name].clips[clip.name] = ClipResult(clip.name, expected_frames=len(indices))
             last_index[m.name] = None
         prev_truth: TrueFrame | None = None
-        previous_index = {b: a for a, b in zip(indices, indices[1:])}
 
         def truth_problem(idx: int, kind: str, message: str) -> None:
             report(Problem("truth", clip.name, idx, kind, message))
@@ -479,8 +480,9 @@ def evaluate(truth: Iterable[TruthClip], methods: list[Method], metrics: tuple[s
             if on_frame:
                 on_frame(clip.name, frame.index)
             flow = frame.flow
-            # Temporal terms need the truth frame just before this one (not one further back).
-            truth_continues = (prev_truth is not None and prev_truth.index == previous_index.get(frame.index)
+            # Temporal terms pair a frame only with the one numbered just before it: not one further
+            # back (an unreadable truth frame) nor the last before a gap in the numbering (0,1,2,4).
+            truth_continues = (prev_truth is not None and prev_truth.index == frame.index - 1
                                and prev_truth.pha.shape == frame.pha.shape)
             if want_flow and flow is None and truth_continues:
                 flow = M.alpha_flow(frame.pha, prev_truth.pha)

@@ -1,8 +1,11 @@
 """The per-video loop `matting matte` and `matting infer` share: decode -> Matter -> outputs -> result.json.
 
-Frames are decoded one to three ahead in a thread; a corrupt frame (or one of another size) is
-reported by its source index and skipped; the outputs are published with `result.json` only when
-every frame that could be read is written, and nothing is published when no frame could be.
+Frames are decoded one to three ahead in a thread and keep their source numbers (a frame
+folder's file numbers, a video's decoded indices) in the outputs' names; gaps in the numbering
+are listed in `result.json`. A corrupt frame is reported by its source number and skipped; a
+frame of another size than the stream's first is resized to it and reported (it is delivered).
+The outputs are published with `result.json` only when every frame that could be read is
+written, and nothing is published when no frame could be.
 """
 from __future__ import annotations
 
@@ -12,23 +15,31 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
+import numpy as np
+
 from matting_core.inference.matter import Matter
 from matting_core.inference.outputs import MatteOutputs
 from matting_core.video import VideoInfo, iter_frames, prefetch
 
-__all__ = ["VideoResult", "matte_video"]
+__all__ = ["VideoResult", "matte_video", "fit_frame"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class VideoResult:
-    """What became of one video: status `ok|partial|failed`, frames written, lost frames with reasons, timings."""
+    """What became of one video: status `ok|partial|failed`, frames written, lost frames with reasons, timings.
+
+    `resized_frames` lists the frames delivered at the stream's size from another one
+    (`{"index", "width", "height"}` with their original size).
+    """
 
     status: str
     frames: int = 0
     lost_frames: list[int] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    resized_frames: list[dict[str, int]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     where: str | None = None  # the published folder's URI (None when nothing was published)
     reason: str | None = None  # why a failed video failed
@@ -52,10 +63,15 @@ def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutpu
         result.status, result.reason = "failed", "no frame could be read"
         return result
     result.status = "partial" if result.lost_frames else "ok"
+    numbers = info.frame_numbers
     document = {
         "status": result.status, "video": video, "stem": outputs.stem,
         "frames": result.frames, "source_frames": info.frames,
+        "first_frame": numbers[0], "last_frame": numbers[-1],
+        # Source numbers absent from a frame folder (inclusive ranges): not lost, never there.
+        "gaps": [list(g) for g in info.gaps],
         "lost_frames": result.lost_frames, "errors": result.errors,
+        "resized_frames": result.resized_frames,
         "fps": float(outputs.fps), "width": info.width, "height": info.height,
         "formats": list(outputs.formats),
         "prior": matter.prior_stream.spec, "matter": matter.spec, "timings": result.timings,
@@ -65,8 +81,8 @@ def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutpu
     try:
         result.where = outputs.commit(document)
     except Exception as exc:  # commit aborts the outputs itself
-        return VideoResult("failed", result.frames, result.lost_frames, result.errors, result.timings,
-                           reason=f"cannot publish {outputs.final_uri}: {exc}")
+        return VideoResult("failed", result.frames, result.lost_frames, result.errors, result.resized_frames,
+                           result.timings, reason=f"cannot publish {outputs.final_uri}: {exc}")
     return result
 
 
@@ -76,17 +92,13 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
     from tqdm import tqdm
 
     errors: list[dict[str, Any]] = []
-    decode_errors = [0]
+    resized: list[dict[str, int]] = []
 
     def on_error(index: int, message: str) -> None:
         errors.append({"index": index, "message": message})
         log.warning("%s: frame %d skipped: %s", video, index, message)
 
-    def on_decode_error(index: int, message: str) -> None:
-        decode_errors[0] += 1
-        on_error(index, message)
-
-    frames = prefetch(iter_frames(video, on_error=on_decode_error), decode_errors)
+    frames = prefetch(iter_frames(video, on_error=on_error, numbered=True))
     bar = tqdm(total=info.frames, unit="frame", desc=outputs.stem, disable=not progress, dynamic_ncols=True)
     decode_s = encode_s = 0.0
     written = 0
@@ -99,11 +111,12 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
             decode_s += time.perf_counter() - t0
             if item is None:
                 break
-            index, frame = item  # the source index counts the frames reported to on_error too
+            index, frame = item  # the source number: the outputs' file names keep it
             if frame.shape[:2] != (info.height, info.width):
-                on_error(index, f"frame is {frame.shape[1]}x{frame.shape[0]}, "
-                                f"the video is {info.width}x{info.height}")
-                continue
+                resized.append({"index": index, "width": frame.shape[1], "height": frame.shape[0]})
+                log.warning("%s: frame %d is %dx%d, resized to the stream's %dx%d", video, index,
+                            frame.shape[1], frame.shape[0], info.width, info.height)
+                frame = fit_frame(frame, (info.width, info.height))
             res = matter.step(frame)
             t0 = time.perf_counter()
             outputs.write(index, res.pha, res.fgr)
@@ -116,8 +129,14 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
     finally:
         bar.close()
     wall = time.perf_counter() - start
-    return VideoResult("", written, sorted(e["index"] for e in errors), errors,
+    return VideoResult("", written, sorted(e["index"] for e in errors), errors, resized,
                        _timings(matter, written, decode_s, encode_s, wall, outputs.background))
+
+
+def fit_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`frame` uint8 `[h,w,3]` resized to `size` (W,H): area averaging to shrink, bilinear to enlarge."""
+    shrink = frame.shape[1] * frame.shape[0] > size[0] * size[1]
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _timings(matter: Matter, written: int, decode_s: float, encode_s: float, wall: float,

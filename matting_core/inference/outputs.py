@@ -4,15 +4,24 @@ Everything is written into a hidden temporary folder beside the destination (`.<
 and renamed to `<stem>` only once `result.json` is written, so a reader never sees a half-written
 set as finished. For an object store the set is built in a local temporary folder and uploaded
 file by file with `result.json` last: its presence marks the set as complete.
+
+A local temporary folder holds an owner file (host, pid, start time) until it is published, so
+that a later run into the same parent can remove the temporaries of runs killed outright
+(SIGKILL, power loss) without ever touching those of a run still alive.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 import queue
+import re
 import shutil
+import socket
 import tempfile
 import threading
+import time
 import uuid
 from fractions import Fraction
 from typing import Sequence
@@ -24,10 +33,88 @@ from matting_core.runtime import lower_thread_priority
 from matting_core.video.writers import (AlphaPngWriter, CompositeWriter, ForegroundPngWriter,
                                         quantize_alpha, rgba_mov_writer, rgba_webm_writer, to_rgba)
 
-__all__ = ["FORMATS", "RESULT_FILE", "parse_formats", "default_encoder_threads", "MatteOutputs"]
+__all__ = ["FORMATS", "RESULT_FILE", "OWNER_FILE", "parse_formats", "check_stem", "default_encoder_threads",
+           "remove_abandoned_temporaries", "MatteOutputs"]
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("pha", "fgr", "rgba.mov", "rgba.webm", "composite.mp4")
 RESULT_FILE = "result.json"
+OWNER_FILE = ".owner.json"
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]+$")
+# A temporary without an owner file (a run of older code, or killed before writing it) is
+# presumed abandoned only when nothing in it has changed for this long.
+UNOWNED_MAX_AGE_S = 24 * 3600
+
+
+def check_stem(stem: str) -> str:
+    """`stem` when it names one entry inside the output folder; ValueError naming it otherwise."""
+    if stem in ("", ".", "..") or "/" in stem or "\\" in stem or "\0" in stem:
+        raise ValueError(f"output name {stem!r} is not a file name inside the output folder "
+                         f"(empty, '.', '..' or containing a path separator)")
+    return stem
+
+
+def _owner() -> dict:
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host and is not a zombie (a zombie is dead, only unreaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _last_change(folder: str) -> float:
+    """Latest modification time of `folder` and its direct entries."""
+    times = [os.lstat(folder).st_mtime]
+    with os.scandir(folder) as entries:
+        times += [e.stat(follow_symlinks=False).st_mtime for e in entries]
+    return max(times)
+
+
+def _abandoned(folder: str, now: float) -> bool:
+    """Whether the temporary `folder` provably belongs to no live run."""
+    try:
+        with open(os.path.join(folder, OWNER_FILE)) as f:
+            owner = json.load(f)
+        host, pid = owner["host"], int(owner["pid"])
+    except FileNotFoundError:
+        return now - _last_change(folder) > UNOWNED_MAX_AGE_S
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable owner: judged like no owner
+        return now - _last_change(folder) > UNOWNED_MAX_AGE_S
+    # Another host's pid says nothing about its run (a shared folder): never provably abandoned.
+    return host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_abandoned_temporaries(parent: str) -> list[str]:
+    """Remove the `.<stem>.tmp-*` folders in local folder `parent` left by dead runs; returns their paths."""
+    removed = []
+    now = time.time()
+    try:
+        entries = [e for e in os.scandir(parent) if _TEMPORARY.match(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or not _abandoned(entry.path, now):
+                continue
+        except OSError:  # removed meanwhile, or unreadable: not ours to judge
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.warning("removed %s: temporary outputs of a run that no longer exists", entry.path)
+        removed.append(entry.path)
+    return removed
 
 
 def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -60,8 +147,10 @@ class MatteOutputs:
     """Writers for the requested formats of one video, published atomically by `commit`.
 
     Args:
-        out_dir: parent folder or URI; the set appears as `out_dir/<stem>/`.
-        stem: the video's output name (`matting_core.video.video_stem`).
+        out_dir: parent folder or URI; the set appears as `out_dir/<stem>/`. Abandoned
+            temporaries of killed runs in a local `out_dir` are removed first.
+        stem: the video's output name (`matting_core.video.video_stem`); one that is empty,
+            `.`, `..` or holds a path separator is refused with ValueError before any work.
         formats: subset of FORMATS.
         fps: frame rate of the video outputs.
         size: (width, height) of the frames.
@@ -79,7 +168,7 @@ class MatteOutputs:
                  size: tuple[int, int], alpha_bits: int = 8, composite_bg: str = "green",
                  background: bool = False, queue_size: int = 4, encoder_threads: int = 0):
         self.formats = parse_formats(formats)
-        self.out_dir, self.stem = out_dir, stem
+        self.out_dir, self.stem = out_dir, check_stem(stem)
         self.fps, self.background = fps, bool(background)
         self.final_uri = storage.join(out_dir, stem)
         local_parent = storage.local_path(out_dir)
@@ -88,8 +177,11 @@ class MatteOutputs:
             self.tmp = tempfile.mkdtemp(prefix=f"matte-{stem}-")
         else:
             os.makedirs(local_parent, exist_ok=True)
+            remove_abandoned_temporaries(local_parent)
             self.tmp = os.path.join(local_parent, f".{stem}.tmp-{uuid.uuid4().hex[:8]}")
             os.makedirs(self.tmp)
+            with open(os.path.join(self.tmp, OWNER_FILE), "w") as f:
+                json.dump(_owner(), f)
         self.frames = 0
         self._writers: dict[str, object] = {}
         self._queue: queue.Queue | None = None
@@ -204,6 +296,7 @@ class MatteOutputs:
 
     def _publish_local(self) -> None:
         final = storage.local_path(self.final_uri)
+        os.remove(os.path.join(self.tmp, OWNER_FILE))  # not part of the set
         old = None
         if os.path.lexists(final):
             # A rename cannot replace a non-empty folder: move the old set aside first.

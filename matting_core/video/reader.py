@@ -2,6 +2,9 @@
 
 Frames are numpy uint8 `[H,W,3]` RGB. A video is probed by decoding it fully, because the only
 reliable frame count is the decoded one (a truncated AVI declares 795 frames and decodes 194).
+Every frame has a source number: the integer in its file name for a frame folder (so a folder
+holding 0,1,2,4,5 keeps its gap), its decoded index for a video. A stream's size is its first
+frame's; later frames may differ (a spliced recording), which the caller decides how to handle.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from matting_core.runtime import lower_thread_priority
 from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
-           "frame_files", "decode_image", "prefetch", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+           "frame_files", "numbered_frame_files", "numbering_gaps", "decode_image", "prefetch",
+           "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -42,7 +46,11 @@ class ImageDecodeError(InputError, ValueError):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What probing a video found. `frames` is the decoded count; `pts` one per decoded frame."""
+    """What probing a video found.
+
+    `width`/`height` are the first decoded frame's; `frames` is the decoded count; `pts` one per
+    decoded frame; `numbers` the source number of each frame (empty: 0..frames-1).
+    """
 
     uri: str
     width: int
@@ -52,6 +60,27 @@ class VideoInfo:
     frames: int
     kind: str  # "video" or "frames"
     pts: tuple[int, ...] = field(default=(), repr=False)
+    numbers: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        # Infos travel as JSON between processes (lists come back); keep them hashable tuples.
+        object.__setattr__(self, "pts", tuple(self.pts))
+        object.__setattr__(self, "numbers", tuple(self.numbers))
+
+    @property
+    def frame_numbers(self) -> tuple[int, ...]:
+        """The source number of every frame, in order."""
+        return self.numbers or tuple(range(self.frames))
+
+    @property
+    def gaps(self) -> tuple[tuple[int, int], ...]:
+        """Inclusive ranges of source numbers missing between the first and the last frame."""
+        return numbering_gaps(self.frame_numbers)
+
+
+def numbering_gaps(numbers) -> tuple[tuple[int, int], ...]:
+    """Inclusive (first, last) ranges missing from sorted integers: (0,1,2,4,5) -> ((3,3),)."""
+    return tuple((a + 1, b - 1) for a, b in zip(numbers, numbers[1:]) if b > a + 1)
 
 
 def decode_image(data: bytes, uri: str = "<bytes>", flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
@@ -76,6 +105,11 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
 
 def frame_files(uri: str) -> list[str]:
     """Numbered image files of a frame folder, in frame order (empty if `uri` is not one)."""
+    return [u for _, u in numbered_frame_files(uri)]
+
+
+def numbered_frame_files(uri: str) -> list[tuple[int, str]]:
+    """(source number, uri) of the numbered image files of a frame folder, by number (empty if not one)."""
     fs, path = storage.filesystem(uri)
     try:
         if not fs.isdir(path):
@@ -91,7 +125,7 @@ def frame_files(uri: str) -> list[str]:
         if ext.lower() in IMAGE_EXTENSIONS and m:
             numbered.append((int(m.group(1)), storage.join(uri, base)))
     numbered.sort()
-    return [u for _, u in numbered]
+    return numbered
 
 
 def is_frame_folder(uri: str) -> bool:
@@ -100,8 +134,12 @@ def is_frame_folder(uri: str) -> bool:
 
 
 def video_stem(uri: str) -> str:
-    """Output name of a video: file stem, folder name, or the clip name for a benchmark `com` folder."""
-    p = uri.rstrip("/")
+    """Output name of a video: file stem, folder name, or the clip name for a benchmark `com` folder.
+
+    A local path is made absolute first, so `.`, `..` and `clip/` name the folder they mean.
+    """
+    local = storage.local_path(uri)
+    p = os.path.abspath(local) if local is not None else uri.rstrip("/")
     base = os.path.basename(p)
     if base == "com":
         return os.path.basename(os.path.dirname(p))
@@ -130,11 +168,13 @@ def probe(uri: str, strict: bool = True) -> VideoInfo:
     than it declares; otherwise (for matting) those are left to `iter_frames(on_error=...)` to
     report frame by frame, and only a video with no decodable frame at all is an error.
     """
-    files = frame_files(uri)
-    if files:
-        first = _to_rgb(decode_image(storage.read_bytes(files[0]), files[0]))
+    numbered = numbered_frame_files(uri)
+    if numbered:
+        _check_unique_numbers(uri, numbered)
+        first = _to_rgb(decode_image(storage.read_bytes(numbered[0][1]), numbered[0][1]))
         h, w = first.shape[:2]
-        return VideoInfo(uri, w, h, 25.0, len(files), len(files), "frames", tuple(range(len(files))))
+        n = len(numbered)
+        return VideoInfo(uri, w, h, 25.0, n, n, "frames", tuple(range(n)), tuple(k for k, _ in numbered))
     with _open(uri) as container:
         if not container.streams.video:
             raise VideoError(uri, "has no video stream")
@@ -151,34 +191,51 @@ def probe(uri: str, strict: bool = True) -> VideoInfo:
                     raise VideoError(uri, f"undecodable data after frame {len(pts)}: {exc}") from exc
                 continue
             for frame in frames:
+                if not pts:  # the first frame's size: taking a later one cost every frame before a size change
+                    width, height = frame.width, frame.height
                 pts.append(frame.pts if frame.pts is not None else len(pts))
-                width, height = frame.width, frame.height
     if not pts:
         raise VideoError(uri, "decodes no frames")
     if strict and declared and len(pts) + _COUNT_TOLERANCE < declared:
         raise VideoError(uri, f"truncated: declares {declared} frames but only {len(pts)} decode")
-    return VideoInfo(uri, width, height, fps, declared, len(pts), "video", tuple(pts))
+    return VideoInfo(uri, width, height, fps, declared, len(pts), "video", tuple(pts), tuple(range(len(pts))))
+
+
+def _check_unique_numbers(uri: str, numbered: list[tuple[int, str]]) -> None:
+    """VideoError when two files of a frame folder carry one number (`1.png`, `0001.jpg`)."""
+    for (a, first), (b, second) in zip(numbered, numbered[1:]):
+        if a == b:
+            raise VideoError(uri, f"frames {os.path.basename(first)} and {os.path.basename(second)} "
+                                  f"share the number {a}")
 
 
 def iter_frames(uri: str, start: int = 0, stop: int | None = None,
-                on_error: ErrorCallback | None = None, info: VideoInfo | None = None) -> Iterator[np.ndarray]:
-    """Frames `start..stop-1` of a video or frame folder as uint8 `[H,W,3]` RGB.
+                on_error: ErrorCallback | None = None, info: VideoInfo | None = None,
+                numbered: bool = False) -> Iterator:
+    """Frames at positions `start..stop-1` of a video or frame folder as uint8 `[H,W,3]` RGB.
 
-    A corrupt frame is reported through `on_error(index, message)` and skipped (without a
-    callback it raises VideoError). With `info` from `probe`, a video seeks to `start` instead of
-    decoding from the beginning.
+    With `numbered`, yields (source number, frame) pairs instead. A corrupt frame is reported
+    through `on_error(source number, message)` and skipped (without a callback it raises
+    VideoError). With `info` from `probe`, a video seeks to `start` instead of decoding from the
+    beginning.
     """
-    files = frame_files(uri)
-    if files:
-        for i in range(start, len(files) if stop is None else min(stop, len(files))):
-            try:
-                yield _to_rgb(decode_image(storage.read_bytes(files[i]), files[i]))
-            except (ValueError, OSError) as exc:
-                if on_error is None:
-                    raise VideoError(files[i], str(exc)) from exc
-                on_error(i, str(exc))
-        return
-    yield from _iter_video(uri, start, stop, on_error, info)
+    files = numbered_frame_files(uri)
+    frames = _iter_folder(files, start, stop, on_error) if files else _iter_video(uri, start, stop, on_error, info)
+    if numbered:
+        yield from frames
+    else:
+        for _, frame in frames:
+            yield frame
+
+
+def _iter_folder(files, start, stop, on_error):
+    for number, path in files[start:stop]:
+        try:
+            yield number, _to_rgb(decode_image(storage.read_bytes(path), path))
+        except (ValueError, OSError) as exc:
+            if on_error is None:
+                raise VideoError(path, str(exc)) from exc
+            on_error(number, str(exc))
 
 
 def _iter_video(uri, start, stop, on_error, info):
@@ -206,19 +263,21 @@ def _iter_video(uri, start, stop, on_error, info):
                 if index_of is not None:
                     index = index_of.get(frame.pts, index)
                 if index >= start and (stop is None or index < stop):
-                    yield frame.to_ndarray(format="rgb24")
+                    yield index, frame.to_ndarray(format="rgb24")
                 index += 1
                 if stop is not None and index >= stop:
                     return
 
 
-def prefetch(frames: Iterator[np.ndarray], skipped: list[int],
+def prefetch(frames: Iterator, skipped: list[int] | None = None,
              depth: int = 3) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode in a background thread, `depth` frames ahead, yielding (source index, frame).
+    """Decode in a background thread, `depth` frames ahead, yielding (source number, frame).
 
-    PyAV decodes without the GIL, so decoding the next frame overlaps the network's serial
-    parts instead of adding to every frame's time. The index is taken in the decoding thread,
-    where the count of undecodable frames skipped so far (`skipped[0]`) is exact.
+    `frames` yields (source number, frame) pairs (`iter_frames(..., numbered=True)`), passed on
+    as they are; or, with `skipped`, bare frames numbered by position plus the count of
+    undecodable frames skipped so far (`skipped[0]`, exact in the decoding thread). PyAV
+    decodes without the GIL, so decoding the next frame overlaps the network's serial parts
+    instead of adding to every frame's time.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
@@ -231,7 +290,7 @@ def prefetch(frames: Iterator[np.ndarray], skipped: list[int],
             for frame in frames:
                 if stop.is_set():
                     return
-                q.put((yielded + skipped[0], frame))
+                q.put(frame if skipped is None else (yielded + skipped[0], frame))
                 yielded += 1
             q.put(done)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
