@@ -3,7 +3,13 @@
 Stages: discover sources (driver, listing only) -> validate them (Ray Data tasks) -> plan clips
 from the valid ones -> make missing shards (Ray Data actors, each caching decoded photos and
 background chunks) -> manifest. Shards are published atomically and the manifest last, so a
-rerun resumes by making only the shards that are not there.
+rerun resumes by making only the shards that are not there, or whose footer records another
+fingerprint or failed clips (so a clip that failed once is tried again).
+
+A run holds the output's lock (`OUT/_lock.json`, matting_core.output_lock) from start to end: a
+second run into the same output is refused (exit 2, naming the holder) and a killed run's lock is
+taken over once it is stale. Holding it also proves that temporary files left under OUT are
+abandoned, so they are removed.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from typing import Any
 
 from matting_core import storage
 from matting_core.data.fakemotion import GENERATOR_VERSION, FakeMotionConfig
+from matting_core.output_lock import OutputLock, OutputLocked
 from pipelines import config as cfglib
 from pipelines.config import Annotated, Interval, NonNegativeInt, PositiveInt, option
 
@@ -27,7 +35,11 @@ log = logging.getLogger("matting.generate")
 
 MARKER = "_generate.json"
 # Config fields that do not change what is written (so a rerun with other values resumes).
-_NOT_CONTENT = ("out", "workers", "overwrite", "cache_mb", "progress")
+# The photo limits change content only through which photos are valid, and the sources are hashed.
+_NOT_CONTENT = ("out", "workers", "overwrite", "cache_mb", "progress", "max_photo_pixels", "min_subject_px",
+                "lock_stale_s")
+# storage.open_atomic's temporary names: `.<name>.<8 hex>.tmp` beside the target
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,12 @@ class GenerateConfig:
     overwrite: bool = option(False, "replace a dataset made with another configuration")
     cache_mb: PositiveInt = option(1024, "background frame cache per worker, in MiB", metavar="MB")
     progress: bool = option(True, "progress bar, when stderr is a terminal")
+    max_photo_pixels: PositiveInt = option(50_000_000, "photos (or alphas) with more pixels are rejected, from "
+                                                       "their header, before decoding", metavar="N")
+    min_subject_px: PositiveInt = option(16, "photos whose subject (alpha bounding box) is narrower or shorter "
+                                             "are rejected", metavar="PX")
+    lock_stale_s: Annotated[float, Interval(gt=0)] = option(
+        180.0, "an output lock whose heartbeat is older than this (a killed run's) is taken over", metavar="S")
     fakemotion: FakeMotionConfig = field(default_factory=FakeMotionConfig)
 
 
@@ -99,7 +117,8 @@ def _validate_row(row: dict) -> dict:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # rejections are reported by us
     try:
         if row["kind"] == "photo":
-            info = validate_photo(PhotoSource(row["uri"], row["alpha"] or None))
+            info = validate_photo(PhotoSource(row["uri"], row["alpha"] or None), max_pixels=row["max_pixels"],
+                                  min_subject=row["min_subject"])
         else:
             info = validate_background(BackgroundSource(row["uri"]))
         return {**row, "ok": True, "reason": "", "info": json.dumps(dataclasses.asdict(info))}
@@ -129,7 +148,8 @@ class ShardMaker:
         self.photos = [PhotoInfo(**{**p, "bbox": tuple(p["bbox"])}) for p in photos]
         self.backgrounds = [VideoInfo(**{**b, "pts": tuple(b["pts"])}) for b in backgrounds]
         self.background_frames = [b.frames for b in self.backgrounds]
-        self.photo_cache = PhotoCache(max_items=256, max_height=_photo_max_height(self.cfg))
+        self.photo_cache = PhotoCache(max_items=256, max_height=_photo_max_height(self.cfg),
+                                      max_pixels=self.cfg.max_photo_pixels)
         self.bg_reader = BackgroundReader(budget_bytes=self.cfg.cache_mb << 20)
 
     def make_clip(self, plan, timings: dict) -> dict:
@@ -153,6 +173,11 @@ class ShardMaker:
         timings["encode"] += t3 - t2
         return row
 
+    def _failure(self, plan, uri: str, reason: str) -> dict:
+        """The errors.jsonl entry of a clip that could not be made: the file at fault and both sources."""
+        return {"clip_id": plan.index, "uri": uri, "reason": reason, "photo": self.photos[plan.photo].image,
+                "background": self.backgrounds[plan.background].uri}
+
     def __call__(self, batch: dict) -> dict:
         from matting_core.data.clips import shard_name, write_shard
         from matting_core.data.plan import plan_clip
@@ -174,9 +199,11 @@ class ShardMaker:
                 try:
                     rows.append(self.make_clip(plan, timings))
                 except SourceError as exc:
-                    failed.append({"clip_id": plan.index, "uri": exc.uri, "reason": exc.reason})
+                    failed.append(self._failure(plan, exc.uri, exc.reason))
                 except Exception as exc:  # noqa: BLE001 - one bad clip must not lose the shard
-                    failed.append({"clip_id": plan.index, "uri": "", "reason": f"{exc.__class__.__name__}: {exc}"})
+                    # no file is known to be at fault: name the clip's photo, and both sources below
+                    failed.append(self._failure(plan, self.photos[plan.photo].image,
+                                                f"{exc.__class__.__name__}: {exc}"))
             rows.sort(key=lambda r: r["clip_id"])
             t0 = time.perf_counter()
             name = shard_name(start, stop)
@@ -197,8 +224,9 @@ class ShardMaker:
 def _validate_all(cfg: GenerateConfig, photos, backgrounds) -> list[dict]:
     import ray
 
-    items = [{"kind": "photo", "uri": p.image, "alpha": p.alpha or ""} for p in photos]
-    items += [{"kind": "background", "uri": b.uri, "alpha": ""} for b in backgrounds]
+    limits = {"max_pixels": cfg.max_photo_pixels, "min_subject": cfg.min_subject_px}
+    items = [{"kind": "photo", "uri": p.image, "alpha": p.alpha or "", **limits} for p in photos]
+    items += [{"kind": "background", "uri": b.uri, "alpha": "", **limits} for b in backgrounds]
     if not items:
         return []
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 8 * max(1, cfg.workers)))
@@ -220,12 +248,19 @@ def _refusal(cfg: GenerateConfig, record: dict, fp: str) -> str:
 def _prepare_output(cfg: GenerateConfig, fp: str) -> None:
     manifest = _read_json(storage.join(cfg.out, "manifest.json"))
     marker = _read_json(storage.join(cfg.out, MARKER))
-    record = manifest if (manifest or {}).get("fingerprint") else (marker or {})
+    from matting_core.data.clips import list_shards
+
+    only_marker = not (manifest or {}).get("fingerprint")
+    record = (marker or {}) if only_marker else manifest
     recorded = record.get("fingerprint")
     if recorded and recorded != fp:
-        if not cfg.overwrite:
+        if only_marker and not list_shards(cfg.out):
+            # the run that wrote the marker failed before writing anything: nothing to protect
+            log.info("%s: replacing the marker of an earlier run that wrote no shard", cfg.out)
+        elif not cfg.overwrite:
             raise GenerateRefused(_refusal(cfg, record, fp))
-        log.warning("--overwrite: removing the dataset in %s", cfg.out)
+        else:
+            log.warning("--overwrite: removing the dataset in %s", cfg.out)
     if cfg.overwrite and (recorded or storage.exists(storage.join(cfg.out, "clips"))):
         for name in ("manifest.json", MARKER, "errors.jsonl"):
             storage.remove(storage.join(cfg.out, name))
@@ -244,13 +279,63 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
+def _remove_abandoned_temporaries(out: str) -> int:
+    """Delete atomic-write temporaries under a local `out` (only while holding its lock); how many.
+
+    Object stores publish on one final PUT and leave no temporary objects behind.
+    """
+    root = storage.local_path(out)
+    if root is None or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if _TEMPORARY.match(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", out, removed)
+    return removed
+
+
+def _read_footers(uris: list[str]) -> dict[str, tuple[int, dict] | None]:
+    """Shard name -> (rows, footer metadata), or None for a shard whose footer cannot be read."""
+    from matting_core.data.clips import shard_metadata
+
+    footers = {}
+    for uri in uris:
+        try:
+            footers[uri.rsplit("/", 1)[-1]] = shard_metadata(uri)
+        except (OSError, ValueError):  # a truncated or foreign file: remade
+            footers[uri.rsplit("/", 1)[-1]] = None
+    return footers
+
+
+def _shard_done(footer: tuple[int, dict] | None, fp: str) -> bool:
+    """Whether a shard can be kept: readable, of this run's fingerprint, with no failed clip."""
+    return footer is not None and footer[1].get("fingerprint") == fp and not footer[1].get("failed")
+
+
 def run_generate(cfg: GenerateConfig) -> GenerateSummary:
-    """Run the whole job; returns the summary (never raises for bad inputs)."""
-    from matting_core.data.clips import SCHEMA_VERSION, FLOW_SCALE, list_shards, shard_metadata, shard_name
+    """Run the whole job under the output's lock; returns the summary (never raises for bad inputs).
+
+    Raises OutputLocked when another live run holds the output, GenerateRefused when the output
+    holds a dataset of another configuration.
+    """
+    cfglib.require(cfg, {"--photos": "photos", "--backgrounds": "backgrounds", "--out": "out"})
+    with OutputLock(cfg.out, stale_after_s=cfg.lock_stale_s):
+        _remove_abandoned_temporaries(cfg.out)
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: GenerateConfig) -> GenerateSummary:
+    from matting_core.data.clips import SCHEMA_VERSION, FLOW_SCALE, list_shards, shard_name
     from matting_core.data.sources import discover_backgrounds, discover_photos
     from pipelines.ray_runtime import ensure_ray
 
-    cfglib.require(cfg, {"--photos": "photos", "--backgrounds": "backgrounds", "--out": "out"})
     started = time.time()
     photos, photo_rej = discover_photos(list(cfg.photos))
     backgrounds, bg_rej = discover_backgrounds(list(cfg.backgrounds))
@@ -274,8 +359,13 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
          "sources": sources}, indent=1).encode())
 
     ranges = [(s, min(s + cfg.shard_size, cfg.clips)) for s in range(0, cfg.clips, cfg.shard_size)]
-    existing = {u.rsplit("/", 1)[-1] for u in list_shards(cfg.out)}
-    todo = [r for r in ranges if shard_name(*r) not in existing]
+    wanted = {shard_name(*r) for r in ranges}
+    footers = _read_footers([u for u in list_shards(cfg.out) if u.rsplit("/", 1)[-1] in wanted])
+    todo = [r for r in ranges if not _shard_done(footers.get(shard_name(*r)), fp)]
+    redo = sum(1 for r in todo if shard_name(*r) in footers)
+    if redo:
+        log.warning("%s: remaking %d shard(s) with failed clips, another fingerprint or an unreadable footer",
+                    cfg.out, redo)
     totals = {"decode": 0.0, "synthesis": 0.0, "encode": 0.0, "write": 0.0}
     made, steady, peak_rss = 0, None, None
     t_make = time.time()
@@ -284,12 +374,11 @@ def run_generate(cfg: GenerateConfig) -> GenerateSummary:
     elapsed_make = time.time() - t_make
 
     # Count from the shards' footers, so a resumed run reports the whole dataset.
+    made_names = {shard_name(*r) for r in todo}
+    footers.update(_read_footers([u for u in list_shards(cfg.out) if u.rsplit("/", 1)[-1] in made_names]))
     written, failed = 0, []
-    wanted = {shard_name(*r) for r in ranges}
-    for uri in list_shards(cfg.out):
-        if uri.rsplit("/", 1)[-1] not in wanted:
-            continue
-        rows, meta = shard_metadata(uri)
+    for name in sorted(wanted):
+        rows, meta = footers.get(name) or (0, {})
         written += rows
         failed += meta.get("failed", [])
     rejections += failed
@@ -369,7 +458,8 @@ def _summary_text(cfg: GenerateConfig, manifest: dict, rejections: list[dict], s
         lines.append("this run  nothing to make: every shard was already there")
     for r in rejections[:8]:
         where = f"clip {r['clip_id']}: " if "clip_id" in r else ""
-        lines.append(f"rejected  {where}{r['uri']}: {r['reason']}")
+        also = f" (background {r['background']})" if r.get("background") not in (None, r["uri"]) else ""
+        lines.append(f"rejected  {where}{r['uri']}{also}: {r['reason']}")
     if len(rejections) > 8:
         lines.append(f"rejected  ... and {len(rejections) - 8} more, see errors.jsonl")
     lines.append(f"total     {seconds:.1f} s")
@@ -382,6 +472,11 @@ EPILOG = """examples:
   matting generate --photos data/photos --backgrounds data/videos --out clips/ --clips 1000
   matting generate --photos s3://bucket/photos --backgrounds s3://bucket/bg --out s3://bucket/clips --workers 8
   matting generate --config jobs/generate.yaml --clips 20000 --overwrite
+
+exit status: 0 every clip written; 3 some clips failed (listed in OUT/errors.jsonl; a rerun tries
+them again); 1 nothing usable; 2 usage error, or refused before any work: --out holds a dataset of
+another configuration, or another run is writing it (its lock OUT/_lock.json names host and pid; a
+killed run's lock is taken over once its heartbeat is older than --lock-stale-s).
 """
 
 # the two fake-motion knobs most runs change; the rest are YAML keys under `fakemotion:`
@@ -400,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfglib.from_args(GenerateConfig, args)
     try:
         summary = run_generate(cfg)
-    except GenerateRefused as exc:
+    except (GenerateRefused, OutputLocked) as exc:  # refused before any work: exit 2, as a usage error
         print(f"matting generate: refused: {exc}", file=sys.stderr)
         return 2
     print(summary.message)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from matting_core.data.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
 from pipelines import config as cfglib
-from pipelines.config import option
+from pipelines.config import PositiveInt, option
 
 log = logging.getLogger("matting.make_benchmark")
 
@@ -40,6 +40,10 @@ class MakeBenchmarkConfig:
     backgrounds: tuple[str, ...] = option((), "background videos or frame folders", metavar="URI", repeat=True)
     out: str = option("", "output folder (local or s3://)", metavar="DIR")
     overwrite: bool = option(False, "replace a benchmark made with another configuration")
+    max_photo_pixels: PositiveInt = option(50_000_000, "photos (or alphas) with more pixels are rejected, from "
+                                                       "their header, before decoding", metavar="N")
+    min_subject_px: PositiveInt = option(16, "photos whose subject (alpha bounding box) is narrower or shorter "
+                                             "are rejected", metavar="PX")
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = make_benchmark(list(cfg.photos), list(cfg.backgrounds), cfg.out, bcfg, overwrite=cfg.overwrite,
-                                 on_problem=on_problem, on_clip=on_clip)
+                                 on_problem=on_problem, on_clip=on_clip, max_photo_pixels=cfg.max_photo_pixels,
+                                 min_subject_px=cfg.min_subject_px)
     except ConfigMismatch as exc:
         raise UsageError(str(exc)) from exc
     print(f"{cfg.out}: {len(summary.written)} clip(s) written, {len(summary.skipped)} already there, "

@@ -156,6 +156,8 @@ def test_resume_after_interruption_makes_only_missing_shards(two_worker_run, sou
     (out / "clips" / ".clips-00000004-00000007.parquet.1234abcd.tmp").write_bytes(b"partial")
     summary = run_generate(config(*sources, str(out), workers=2))
     assert summary.status == 0, summary.message
+    # the run held the output's lock, so no other writer can own a temporary file: it was abandoned
+    assert not list((out / "clips").glob(".*.tmp")) and not (out / "_lock.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["this_run"]["clips_made"] == 4
     assert manifest["counts"]["clips_written"] == 12
@@ -265,6 +267,7 @@ def test_s3_in_and_out(s3_server, ray_runtime, sources, tmp_path):
     assert sorted(clips) == list(range(6))
     assert clips[0].photo.startswith("s3://test/in/photos/image/")
     assert not [p for p in fs.find("test/out/ds") if p.endswith(".tmp")]
+    assert not fs.exists("test/out/ds/_lock.json")  # the lock is released at the end
 
 
 def test_cli_generate_exit_status_and_config_file(ray_runtime, sources, tmp_path):
@@ -280,3 +283,125 @@ def test_cli_generate_exit_status_and_config_file(ray_runtime, sources, tmp_path
     assert clip.frames.shape == (5, 72, 128, 3)  # flag beats file, file beats default
     assert main(["generate", "--photos", sources[0], "--backgrounds", sources[1], "--out", str(out), "--seed", "9"]) == 2
     assert main(["generate", "--photos", sources[0], "--out", str(out), "--clips", "x"]) == 2
+
+
+# --- bad photos, failed clips, interrupted and concurrent runs ------------------------------------
+
+def _rewrite_shard(path: Path, keep=None, **footer) -> None:
+    """Rewrite a shard with only the rows whose clip_id is in `keep` and footer fields replaced."""
+    import pyarrow.parquet as pq
+
+    from matting_core.data.clips import shard_metadata, write_shard
+
+    _, meta = shard_metadata(str(path))
+    rows = [r for r in pq.read_table(path).to_pylist() if keep is None or r["clip_id"] in keep]
+    write_shard(str(path), rows, {**meta, **footer})
+
+
+def test_tiny_photo_is_rejected_up_front_and_no_clip_is_lost(ray_runtime, sources, tmp_path):
+    import cv2
+
+    photos = tmp_path / "photos"
+    shutil.copytree(sources[0], photos, symlinks=True)
+    cv2.imwrite(str(photos / "tiny.png"), np.full((1, 1, 4), 200, np.uint8))  # RGBA, one opaque pixel
+    summary = run_generate(config(str(photos), sources[1], str(tmp_path / "out"), clips=6, shard_size=3))
+    assert summary.status == 0, summary.message
+    assert summary.manifest["counts"]["clips_written"] == 6
+    errors = {os.path.basename(e["uri"]): e["reason"]
+              for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
+    assert "subject too small" in errors["tiny.png"] and "1x1" in errors["tiny.png"]
+
+
+def test_failed_clips_are_retried_on_rerun(two_worker_run, sources, tmp_path):
+    out = tmp_path / "retry"
+    shutil.copytree(two_worker_run[0], out)
+    shards = sorted((out / "clips").glob("*.parquet"))
+    # as a run where clips 6 and 7 failed (a source unreadable for a while) leaves its shard
+    failed = [{"clip_id": i, "uri": "s3://x/photo.jpg", "reason": "timeout"} for i in (6, 7)]
+    _rewrite_shard(shards[1], keep={4, 5}, failed=failed)
+    untouched = {p.name: p.stat().st_mtime_ns for p in (shards[0], shards[2])}
+    summary = run_generate(config(*sources, str(out), workers=2))
+    assert summary.status == 0, summary.message
+    assert summary.manifest["this_run"]["clips_made"] == 4  # that shard only
+    assert summary.manifest["counts"]["clips_written"] == 12 and summary.manifest["counts"]["clips_failed"] == 0
+    assert {p: (out / "clips" / p).stat().st_mtime_ns for p in untouched} == untouched
+    assert sorted(read_all(str(out))) == list(range(12))
+
+
+def test_shard_of_another_fingerprint_is_remade(two_worker_run, sources, tmp_path):
+    from matting_core.data.clips import shard_metadata
+
+    out = tmp_path / "mixed"
+    shutil.copytree(two_worker_run[0], out)
+    first = sorted((out / "clips").glob("*.parquet"))[0]
+    _rewrite_shard(first, fingerprint="0000000000000000")  # as a concurrent run of another config writes
+    summary = run_generate(config(*sources, str(out), workers=2))
+    assert summary.status == 0, summary.message
+    assert summary.manifest["this_run"]["clips_made"] == 4
+    assert shard_metadata(str(first))[1]["fingerprint"] == summary.manifest["fingerprint"]
+
+
+def test_marker_of_a_run_that_wrote_nothing_does_not_block_the_corrected_run(ray_runtime, sources, tmp_path):
+    import pipelines.generate as gen
+
+    out = tmp_path / "crashed"
+    out.mkdir()
+    # a run with another configuration crashed after writing its marker, before any shard
+    (out / gen.MARKER).write_text(json.dumps({"fingerprint": "0123456789abcdef",
+                                              "generator_version": gen.GENERATOR_VERSION}))
+    summary = run_generate(config(*sources, str(out), clips=2, shard_size=2))
+    assert summary.status == 0, summary.message
+    assert json.loads((out / gen.MARKER).read_text())["fingerprint"] == summary.manifest["fingerprint"]
+
+
+def test_failed_clip_lists_its_photo_and_background(sources, tmp_path, monkeypatch):
+    from matting_core.data.sources import (discover_backgrounds, discover_photos, validate_all, validate_background,
+                                           validate_photo)
+    from pipelines.config import to_dict
+    from pipelines.generate import ShardMaker
+
+    monkeypatch.setenv("NUMBA_NUM_THREADS", os.environ.get("NUMBA_NUM_THREADS", "1"))  # ShardMaker sets it
+    photos = tmp_path / "photos"
+    shutil.copytree(sources[0], photos)
+    infos = [dataclasses.asdict(i) for i in validate_all(discover_photos(str(photos))[0], validate_photo)[0]][:1]
+    bgs = [json.loads(json.dumps(dataclasses.asdict(i)))
+           for i in validate_all(discover_backgrounds(sources[1])[0], validate_background)[0]][:1]
+    cfg = to_dict(GenerateConfig(out=str(tmp_path / "ds"), clips=1, progress=False))
+
+    def failure(photos, backgrounds):
+        res = ShardMaker(cfg, photos, backgrounds, "fp")({"start": [0], "stop": [1]})
+        assert res["clips"] == [0]
+        return json.loads(res["failed"][0])[0]
+
+    # an unexpected error (a background whose probe says 0 px wide): both sources named all the same
+    broken_bg = [{**bgs[0], "width": 0}]
+    entry = failure(infos, broken_bg)
+    assert entry["uri"] and entry["photo"] == infos[0]["image"] and entry["background"] == bgs[0]["uri"], entry
+    # a photo gone after validation: the error names it, and the clip's background too
+    os.remove(infos[0]["image"])
+    entry = failure(infos, bgs)
+    assert entry["uri"] == infos[0]["image"] and entry["background"] == bgs[0]["uri"], entry
+
+
+def test_cli_refuses_a_locked_output_and_takes_over_a_killed_run(ray_runtime, sources, tmp_path, capsys):
+    from pipelines.cli import main
+    from tests.test_output_lock import holder, wait_held
+
+    out = tmp_path / "locked"
+    args = ["generate", "--photos", sources[0], "--backgrounds", sources[1], "--out", str(out), "--clips", "2",
+            "--shard-size", "2", "--size", "128x72", "--frames", "4", "--no-progress"]
+    other = holder(str(out))
+    try:
+        wait_held(other)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "in use by another run" in err and f"pid {other.pid}" in err, err
+        assert not (out / "clips").exists()  # refused before any work
+    finally:
+        other.kill()
+        other.wait()
+    (out / "clips").mkdir()
+    (out / "clips" / ".clips-00000000-00000001.parquet.0badc0de.tmp").write_bytes(b"left by SIGKILL")
+    assert main(args) == 0
+    assert not list((out / "clips").glob(".*.tmp")) and not (out / "_lock.json").exists()
+    assert sorted(read_all(str(out))) == [0, 1]

@@ -52,7 +52,7 @@ def huge_pair(tmp_path_factory) -> Path:
 
 
 # Run in a child so its peak memory is its own. The address-space cap only keeps a regression from
-# exhausting the shared machine; the assertion is on the child's measured peak RSS.
+# exhausting the shared machine; the assertion is on the child's measured peak resident memory.
 _CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
@@ -64,8 +64,11 @@ try:
     loaded = "loaded"
 except SourceError as exc:
     loaded = exc.reason
+# VmHWM: this program's own peak; ru_maxrss also counts the forked copy of the parent before exec
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+peak_kb = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"valid": len(valid), "rejected": [[r.uri, r.reason] for r in rejected], "load": loaded,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": peak_kb / 1024}))
 """
 
 
@@ -133,3 +136,28 @@ def test_loading_a_one_pixel_subject_does_not_divide_by_zero(tmp_path):
     # pymatting's multilevel estimation takes log2 of the longest side: 0 levels for one pixel
     photo = load_photo(PhotoSource(_rgba(tmp_path / "one.png", 1, 1, (1, 1)), None), max_height=100)
     assert photo.alpha.shape == (1, 1) and photo.fgr.shape == (1, 1, 3)
+
+
+def test_make_benchmark_applies_the_photo_limits(tmp_path, shared_data):
+    from pipelines.cli import main
+
+    photos = tmp_path / "photos"
+    (photos / "image").mkdir(parents=True)
+    (photos / "alpha").mkdir()
+    for stem in ("GT01", "GT04"):  # 800x5xx each: 0.4+ megapixels
+        (photos / "image" / f"{stem}.png").symlink_to(shared_data / "photos/alphamatting/image" / f"{stem}.png")
+        (photos / "alpha" / f"{stem}.png").symlink_to(shared_data / "photos/alphamatting/alpha" / f"{stem}.png")
+    small = photos / "small.png"
+    _rgba(small, 300, 200, (250, 150))  # 0.06 megapixels, subject 150x250
+    _rgba(photos / "speck.png", 300, 200, (4, 4))
+    out = tmp_path / "bench"
+    rc = main(["make-benchmark", "--photos", str(photos), "--backgrounds", str(shared_data / "videos/backgrounds"),
+               "--out", str(out), "--clips", "1", "--frames", "2", "--size", "64x36",
+               "--max-photo-pixels", "100000", "--min-subject-px", "8"])
+    assert rc == 0
+    manifest = json.loads((out / "benchmark.json").read_text())
+    reasons = {Path(r["uri"]).name: r["reason"] for r in manifest["rejected"]}
+    assert set(reasons) == {"GT01.png", "GT04.png", "speck.png"}, reasons
+    assert "above the limit of 0.1 megapixels" in reasons["GT01.png"]
+    assert "4x4" in reasons["speck.png"]
+    assert [c["photo"] for c in manifest["clips"]] == [str(small)]

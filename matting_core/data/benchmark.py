@@ -29,7 +29,8 @@ import numpy as np
 from matting_core.config_checks import check_range, check_size
 
 from matting_core import storage
-from matting_core.data.sources import (BackgroundReader, Photo, PhotoInfo, Rejection, SourceError,
+from matting_core.data.sources import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SUBJECT, BackgroundReader, Photo, PhotoInfo,
+                                  Rejection, SourceError,
                                   discover_backgrounds, discover_photos, load_photo,
                                   validate_all, validate_background, validate_photo)
 
@@ -294,8 +295,12 @@ def _clip_complete(out: str, name: str, frames: int) -> bool:
 
 def make_benchmark(photos: list[str], backgrounds: list[str], out: str, cfg: BenchmarkConfig,
                    overwrite: bool = False, on_problem: Callable[[Rejection], None] | None = None,
-                   on_clip: Callable[[str], None] | None = None) -> BenchmarkSummary:
-    """Validate sources, plan and write every clip; bad sources and failed clips are listed, the rest goes on."""
+                   on_clip: Callable[[str], None] | None = None, max_photo_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   min_subject_px: int = DEFAULT_MIN_SUBJECT) -> BenchmarkSummary:
+    """Validate sources, plan and write every clip; bad sources and failed clips are listed, the rest goes on.
+
+    Photos above `max_photo_pixels` or with a subject under `min_subject_px` are rejected (`validate_photo`).
+    """
     summary = BenchmarkSummary()
     report = on_problem or (lambda r: None)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
@@ -311,7 +316,7 @@ def make_benchmark(photos: list[str], backgrounds: list[str], out: str, cfg: Ben
     for r in rej + rej2:
         summary.rejected.append(r)
         report(r)
-    infos, rej = validate_all(photo_srcs, validate_photo)
+    infos, rej = validate_all(photo_srcs, lambda src: validate_photo(src, max_photo_pixels, min_subject_px))
     bg_infos, rej2 = validate_all(bg_srcs, validate_background)
     for r in rej + rej2:
         summary.rejected.append(r)
@@ -334,7 +339,8 @@ def make_benchmark(photos: list[str], backgrounds: list[str], out: str, cfg: Ben
             records.append(previous[plan.name])
             continue
         try:
-            clip = make_clip(plan, cfg, reader)
+            clip = make_clip(plan, cfg, reader, lambda info: load_photo(info, max_height=int(cfg.size[1] * 1.1),
+                                                                        max_pixels=max_photo_pixels))
             write_clip(out, plan.name, clip)
         except (SourceError, OSError, ValueError) as exc:
             uri = getattr(exc, "uri", plan.photo.image)
