@@ -208,6 +208,8 @@ class OutputLock:
         """Replace the stale lock `owner` with `record`, only if it is still that lock."""
         data = json.dumps(record, indent=1).encode()
         if not self.local:
+            if not version:  # a store that names no version: the lock cannot be replaced safely
+                return None
             try:
                 out = self.fs.pipe_file(self.path, data, IfMatch=version)
             except (OSError, FileNotFoundError):
@@ -250,6 +252,8 @@ class OutputLock:
             os.replace(tmp, self.path)
             self._held = _Held(record)
             return True
+        if not held.etag:
+            held = _Held(held.record, self._etag())
         try:
             out = self.fs.pipe_file(self.path, data, IfMatch=held.etag)
         except (OSError, FileNotFoundError):

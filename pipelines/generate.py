@@ -280,17 +280,20 @@ def _package_versions() -> dict[str, str]:
 
 
 def _remove_abandoned_temporaries(out: str) -> int:
-    """Delete atomic-write temporaries under a local `out` (only while holding its lock); how many.
+    """Delete atomic-write temporaries in a local `out` and `out/clips` (only while holding its lock); how many.
 
-    Object stores publish on one final PUT and leave no temporary objects behind.
+    Only the folders generate writes are looked at (`out` may be inside a large tree). Object stores
+    publish on one final PUT and leave no temporary objects behind.
     """
     root = storage.local_path(out)
-    if root is None or not os.path.isdir(root):
+    if root is None:
         return 0
     removed = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if _TEMPORARY.match(name):
+    for folder in (root, os.path.join(root, "clips")):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if _TEMPORARY.match(name) and os.path.isfile(os.path.join(folder, name)):
                 try:
                     os.remove(os.path.join(folder, name))
                     removed += 1
