@@ -20,6 +20,7 @@ COMMANDS = {
     "export": "pipelines.export",
     "make-benchmark": "pipelines.make_benchmark",
     "evaluate": "pipelines.evaluate",
+    "infer": "pipelines.infer",
     "train": "pipelines.train",
     "promote": "pipelines.promote",
     "demo": "pipelines.demo",

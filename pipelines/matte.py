@@ -153,11 +153,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_matter(cfg: MatteConfig, device):
-    from matting_core.inference.matter import Matter
-    from matting_core.prior import prior_stream_from_spec
     from pipelines.model_ref import load_model
 
-    net = load_model(cfg.model, device=str(device))
+    return build_matter(load_model(cfg.model, device=str(device)), cfg, device)
+
+
+def build_matter(net, cfg, device):
+    """(`Matter` for `net` with the prior and options of `cfg` (a MatteConfig or InferConfig), the net's config)."""
+    from matting_core.inference.matter import Matter
+    from matting_core.prior import prior_stream_from_spec
+
     config = dict(getattr(net, "config", {}) or {})
     stream = prior_stream_from_spec(config.get("prior"), backend=cfg.prior, weights=cfg.prior_weights,
                                     smooth=cfg.smooth_prior, device=device)

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from matting_core.model import MattingNet
 
-__all__ = ["ModelRefError", "load_model", "tracking_uri", "is_registry_ref", "find_checkpoint"]
+__all__ = ["ModelRefError", "load_model", "tracking_uri", "is_registry_ref", "find_checkpoint", "pin_model",
+           "checkpoint_bytes"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _PREFERRED = ("model.pt", "checkpoint.pt")
@@ -37,6 +38,46 @@ def tracking_uri() -> str:
 def is_registry_ref(ref: str) -> bool:
     """Whether `ref` names a registered model (`models:/...`)."""
     return str(ref).startswith("models:/")
+
+
+def pin_model(ref: str) -> tuple[str, str | None]:
+    """(`ref` with an alias resolved to its version, that version) for `models:/NAME@ALIAS`; others as given.
+
+    A job that runs for hours resolves the alias once, so moving it meanwhile changes nothing.
+    """
+    ref = str(ref)
+    if not is_registry_ref(ref):
+        return ref, None
+    body = ref[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            version = MlflowClient(tracking_uri(), registry_uri=tracking_uri()).get_model_version_by_alias(name, alias)
+        except Exception as exc:  # MlflowException and store errors: say which store was asked
+            raise ModelRefError(redact(f"model {ref}: cannot be resolved in the MLflow store {tracking_uri()} "
+                                       f"({exc})")) from exc
+        return f"models:/{name}/{version.version}", str(version.version)
+    name, _, version = body.partition("/")
+    return ref, version or None
+
+
+def checkpoint_bytes(ref: str) -> bytes:
+    """The checkpoint file `ref` names (downloaded once for a registry reference), as bytes."""
+    from matting_core import storage
+
+    ref = str(ref)
+    if is_registry_ref(ref):
+        with tempfile.TemporaryDirectory(prefix="matting-model-") as tmp:
+            return find_checkpoint(_download(ref, tmp), ref).read_bytes()
+    local = storage.local_path(ref)
+    if local is not None and os.path.isdir(local):
+        return find_checkpoint(local, ref).read_bytes()
+    try:
+        return storage.read_bytes(ref)
+    except FileNotFoundError as exc:
+        raise ModelRefError(f"model {ref}: no such checkpoint") from exc
 
 
 def find_checkpoint(folder: str | Path, ref: str | None = None) -> Path:

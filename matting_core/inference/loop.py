@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 
 from matting_core.inference.matter import Matter
+from matting_core.inference.segments import Segment
 from matting_core.inference.outputs import MatteOutputs
+from matting_core.redaction import redact, redact_config
 from matting_core.video import VideoInfo, iter_frames, prefetch
 
 __all__ = ["VideoResult", "matte_video", "fit_frame"]
@@ -46,15 +48,17 @@ class VideoResult:
 
 
 def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutputs, *,
-                record: dict[str, Any] | None = None, progress: bool = False) -> VideoResult:
+                record: dict[str, Any] | None = None, progress: bool = False,
+                segment: Segment | None = None) -> VideoResult:
     """Matte every frame of `video` into `outputs` and publish them with result.json (plus `record`), or publish nothing.
 
     `record` adds the caller's fields to result.json (model reference, job config, ...). A
     failure while decoding, matting or encoding aborts the outputs and comes back as a `failed`
-    result with its reason; it is not raised.
+    result with its reason; it is not raised. With `segment`, only its frames are written, after
+    a warm-up over the frames from `segment.warmup_start` (matted, not written).
     """
     try:
-        result = _matte_frames(video, info, matter, outputs, progress)
+        result = _matte_frames(video, info, matter, outputs, progress, segment)
     except Exception as exc:  # decoding, matting or encoding: report it, publish nothing
         outputs.abort()
         return VideoResult("failed", reason=f"failed: {exc}")
@@ -65,7 +69,7 @@ def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutpu
     result.status = "partial" if result.lost_frames else "ok"
     numbers = info.frame_numbers
     document = {
-        "status": result.status, "video": video, "stem": outputs.stem,
+        "status": result.status, "video": redact(video), "stem": outputs.stem,
         "frames": result.frames, "source_frames": info.frames,
         "first_frame": numbers[0], "last_frame": numbers[-1],
         # Source numbers absent from a frame folder (inclusive ranges): not lost, never there.
@@ -75,7 +79,7 @@ def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutpu
         "fps": float(outputs.fps), "width": info.width, "height": info.height,
         "formats": list(outputs.formats),
         "prior": matter.prior_stream.spec, "matter": matter.spec, "timings": result.timings,
-        **(record or {}),
+        **redact_config(record or {}),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -87,8 +91,8 @@ def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutpu
 
 
 def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutputs,
-                  progress: bool) -> VideoResult:
-    """Decode, matte and write every frame, then finish the outputs (not committed)."""
+                  progress: bool, segment: Segment | None = None) -> VideoResult:
+    """Decode, matte and write every frame (of `segment`), then finish the outputs (not committed)."""
     from tqdm import tqdm
 
     errors: list[dict[str, Any]] = []
@@ -98,8 +102,15 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
         errors.append({"index": index, "message": message})
         log.warning("%s: frame %d skipped: %s", video, index, message)
 
-    frames = prefetch(iter_frames(video, on_error=on_error, numbered=True))
-    bar = tqdm(total=info.frames, unit="frame", desc=outputs.stem, disable=not progress, dynamic_ncols=True)
+    numbers = info.frame_numbers
+    if segment is None:
+        frames = prefetch(iter_frames(video, on_error=on_error, numbered=True))
+        first_written, total = numbers[0], info.frames
+    else:
+        frames = prefetch(iter_frames(video, segment.warmup_start, segment.stop, on_error=on_error,
+                                      info=info, numbered=True))
+        first_written, total = numbers[segment.start], segment.stop - segment.start
+    bar = tqdm(total=total, unit="frame", desc=outputs.stem, disable=not progress, dynamic_ncols=True)
     decode_s = encode_s = 0.0
     written = 0
     start = time.perf_counter()
@@ -113,11 +124,14 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
                 break
             index, frame = item  # the source number: the outputs' file names keep it
             if frame.shape[:2] != (info.height, info.width):
-                resized.append({"index": index, "width": frame.shape[1], "height": frame.shape[0]})
+                if index >= first_written:
+                    resized.append({"index": index, "width": frame.shape[1], "height": frame.shape[0]})
                 log.warning("%s: frame %d is %dx%d, resized to the stream's %dx%d", video, index,
                             frame.shape[1], frame.shape[0], info.width, info.height)
                 frame = fit_frame(frame, (info.width, info.height))
             res = matter.step(frame)
+            if index < first_written:  # warm-up before a segment: settles the state, written by the one before
+                continue
             t0 = time.perf_counter()
             outputs.write(index, res.pha, res.fgr)
             encode_s += time.perf_counter() - t0
@@ -129,6 +143,7 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
     finally:
         bar.close()
     wall = time.perf_counter() - start
+    errors = [e for e in errors if e["index"] >= first_written]  # the warm-up's belong to the segment before
     return VideoResult("", written, sorted(e["index"] for e in errors), errors, resized,
                        _timings(matter, written, decode_s, encode_s, wall, outputs.background))
 

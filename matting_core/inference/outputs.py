@@ -34,7 +34,7 @@ from matting_core.video.writers import (AlphaPngWriter, CompositeWriter, Foregro
                                         quantize_alpha, rgba_mov_writer, rgba_webm_writer, to_rgba)
 
 __all__ = ["FORMATS", "RESULT_FILE", "OWNER_FILE", "parse_formats", "check_stem", "default_encoder_threads",
-           "remove_abandoned_temporaries", "MatteOutputs"]
+           "remove_abandoned_temporaries", "make_temporary", "publish_temporary", "MatteOutputs"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,68 @@ def remove_abandoned_temporaries(parent: str) -> list[str]:
     return removed
 
 
+def make_temporary(out_dir: str, stem: str) -> str:
+    """A new local folder in which the set `out_dir/<stem>` is built before `publish_temporary`.
+
+    Beside the destination for a local `out_dir` (so publication is a rename; abandoned
+    temporaries of killed runs there are removed first), in the system's temporary folder for
+    an object store.
+    """
+    check_stem(stem)
+    local_parent = storage.local_path(out_dir)
+    if local_parent is None:
+        return tempfile.mkdtemp(prefix=f"matte-{stem}-")
+    os.makedirs(local_parent, exist_ok=True)
+    remove_abandoned_temporaries(local_parent)
+    tmp = os.path.join(local_parent, f".{stem}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+        json.dump(_owner(), f)
+    return tmp
+
+
+def publish_temporary(tmp: str, final_uri: str, result: dict, replace: bool = True) -> None:
+    """Write `result` as result.json into `tmp` and publish the folder as `final_uri`, replacing what was there.
+
+    Locally by renames (a reader sees the old set or the new one); on an object store by
+    uploading every file, result.json last, whose presence marks the set as complete
+    (`replace=False` keeps files already put under `final_uri` by the caller).
+    """
+    with open(os.path.join(tmp, RESULT_FILE), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    final = storage.local_path(final_uri)
+    if final is None:
+        _upload(tmp, final_uri, replace)
+        return
+    if os.path.exists(os.path.join(tmp, OWNER_FILE)):
+        os.remove(os.path.join(tmp, OWNER_FILE))  # not part of the set
+    old = None
+    if os.path.lexists(final):
+        # A rename cannot replace a non-empty folder: move the old set aside first.
+        old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
+def _upload(tmp: str, final_uri: str, replace: bool) -> None:
+    fs, root = storage.filesystem(final_uri)
+    if replace and fs.exists(root):
+        fs.rm(root, recursive=True)
+    files = []
+    for folder, _, names in os.walk(tmp):
+        files += [os.path.join(folder, n) for n in sorted(names)]
+    last = os.path.join(tmp, RESULT_FILE)
+    for path in sorted(f for f in files if f != last) + [last]:
+        rel = os.path.relpath(path, tmp).replace(os.sep, "/")
+        fs.put_file(path, f"{root.rstrip('/')}/{rel}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Validated, de-duplicated output formats from `pha,fgr,...` or a list; raises ValueError."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -171,17 +233,7 @@ class MatteOutputs:
         self.out_dir, self.stem = out_dir, check_stem(stem)
         self.fps, self.background = fps, bool(background)
         self.final_uri = storage.join(out_dir, stem)
-        local_parent = storage.local_path(out_dir)
-        self._remote = local_parent is None
-        if self._remote:
-            self.tmp = tempfile.mkdtemp(prefix=f"matte-{stem}-")
-        else:
-            os.makedirs(local_parent, exist_ok=True)
-            remove_abandoned_temporaries(local_parent)
-            self.tmp = os.path.join(local_parent, f".{stem}.tmp-{uuid.uuid4().hex[:8]}")
-            os.makedirs(self.tmp)
-            with open(os.path.join(self.tmp, OWNER_FILE), "w") as f:
-                json.dump(_owner(), f)
+        self.tmp = make_temporary(out_dir, stem)
         self.frames = 0
         self._writers: dict[str, object] = {}
         self._queue: queue.Queue | None = None
@@ -283,44 +335,11 @@ class MatteOutputs:
         """Finish every file, write `result.json` and publish the set; returns its URI."""
         try:
             self.finish()
-            with open(os.path.join(self.tmp, RESULT_FILE), "w") as f:
-                json.dump(result, f, indent=2, default=str)
-            if self._remote:
-                self._upload()
-            else:
-                self._publish_local()
+            publish_temporary(self.tmp, self.final_uri, result)
         except BaseException:
             self.abort()
             raise
         return self.final_uri
-
-    def _publish_local(self) -> None:
-        final = storage.local_path(self.final_uri)
-        os.remove(os.path.join(self.tmp, OWNER_FILE))  # not part of the set
-        old = None
-        if os.path.lexists(final):
-            # A rename cannot replace a non-empty folder: move the old set aside first.
-            old = os.path.join(os.path.dirname(final), f".{self.stem}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, old)
-        os.rename(self.tmp, final)
-        if old is not None:
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.remove(old)
-
-    def _upload(self) -> None:
-        fs, root = storage.filesystem(self.final_uri)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        files = []
-        for folder, _, names in os.walk(self.tmp):
-            files += [os.path.join(folder, n) for n in sorted(names)]
-        last = os.path.join(self.tmp, RESULT_FILE)
-        for path in sorted(f for f in files if f != last) + [last]:
-            rel = os.path.relpath(path, self.tmp).replace(os.sep, "/")
-            fs.put_file(path, f"{root.rstrip('/')}/{rel}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self) -> None:
         """Drop everything written so far; nothing is published."""
