@@ -207,7 +207,7 @@ def _result(uri: str) -> dict | None:
 
     try:
         return json.loads(storage.read_bytes(storage.join(uri, RESULT_FILE)))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # absent, unreadable, or a file where the folder would be: not complete
         return None
 
 
@@ -333,7 +333,6 @@ def _run_units(cfg, todo, checkpoint, record, entries, counts, plan_segments) ->
                             fn_constructor_kwargs={"cfg": cfglib.to_dict(cfg), "checkpoint": [ray.put(checkpoint)],
                                                    "record": record})
         total = sum(u["frames"] for u in units)
-        videos = {u["key"] for u in units}
         with Progress(total=total, unit="frame", desc="infer", enabled=_show_progress(cfg)) as bar:
             for row in ds.iter_rows():
                 key = row["key"]
@@ -351,9 +350,8 @@ def _run_units(cfg, todo, checkpoint, record, entries, counts, plan_segments) ->
                         maybe_assemble(key)
                 else:
                     entry["status"] = row["status"]
-                bar.set_postfix(videos=f"{sum(e['status'] not in ('pending',) for e in entries.values())}"
-                                       f"/{len(entries)}") if hasattr(bar, "set_postfix") else None
-        del videos
+                finished = sum(e["status"] != "pending" for e in entries.values())
+                bar.set_postfix(videos=f"{finished}/{len(entries)}")
     for row in ray.get(assembling):
         entry = entries[row["key"]]
         if entry["status"] == "pending":

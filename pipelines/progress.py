@@ -19,6 +19,11 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
+    def set_postfix(self, **values) -> None:
+        """Show `values` after the bar (videos done/total, ...)."""
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+
     def __enter__(self) -> "Progress":
         return self
 

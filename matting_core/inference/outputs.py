@@ -129,6 +129,10 @@ def make_temporary(out_dir: str, stem: str) -> str:
     if local_parent is None:
         return tempfile.mkdtemp(prefix=f"matte-{stem}-")
     os.makedirs(local_parent, exist_ok=True)
+    final = os.path.join(local_parent, stem)
+    if os.path.lexists(final) and not os.path.isdir(final):
+        # a set replaces an earlier set, never a file of the user's that happens to bear its name
+        raise FileExistsError(f"{final} exists and is not a folder of mattes: move it away or choose another output")
     remove_abandoned_temporaries(local_parent)
     tmp = os.path.join(local_parent, f".{stem}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
