@@ -129,7 +129,10 @@ class InferActor:
         self.matter, self.model_config = build_matter(net, self.cfg, self.device)
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {k: [] for k in ("key", "segment", "status", "frames", "lost", "reason", "seconds")}
+        import resource
+
+        out: dict[str, list] = {k: [] for k in ("key", "segment", "status", "frames", "lost", "reason", "seconds",
+                                                "peak_rss_mb")}
         for unit in (json.loads(u) for u in batch["unit"]):
             t0 = time.perf_counter()
             result = self._matte(unit)
@@ -140,6 +143,7 @@ class InferActor:
             out["lost"].append(json.dumps(result.lost_frames))
             out["reason"].append(result.reason or "")
             out["seconds"].append(time.perf_counter() - t0)
+            out["peak_rss_mb"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this actor's, so far
         return out
 
     def _matte(self, unit: dict):
@@ -340,6 +344,8 @@ def _run_units(cfg, todo, checkpoint, record, entries, counts, plan_segments) ->
                 entry["frames"] += int(row["frames"])
                 entry["lost_frames"] += json.loads(row["lost"])
                 entry["seconds"] += float(row["seconds"])
+                peak = max(entry.get("actor_peak_rss_mb", 0.0), float(row["peak_rss_mb"]))
+                entry["actor_peak_rss_mb"] = round(peak, 1)
                 counts["frames"] += int(row["frames"])
                 bar.update(int(row["frames"]))
                 if row["status"] not in COMPLETE:
