@@ -368,6 +368,10 @@ def _run_units(cfg, todo, checkpoint, record, entries, counts, plan_segments) ->
         if entry["status"] == "pending":  # a segment failed: the video is not published
             entry["status"] = "failed"
             entry.setdefault("error", "a segment could not be matted")
+        if entry.get("seconds"):
+            # actor-seconds: segments of one video run side by side, so this is per actor, not wall
+            entry["fps"] = round(entry["frames"] / entry["seconds"], 2)
+            entry["seconds"] = round(entry["seconds"], 2)
 
 
 def _show_progress(cfg: InferConfig) -> bool:

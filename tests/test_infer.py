@@ -77,7 +77,7 @@ def test_infer_on_s3_with_a_registered_model(ray_runtime, s3_server, registered,
     out = f"s3://test/mattes-{uuid.uuid4().hex[:6]}"
     status = main(["infer", "--model", "models:/archive-matting@champion", "--input", f"s3://{prefix}",
                    "--out", out, "--formats", "pha,rgba.webm", "--segment-frames", "40", "--warmup-frames", "8",
-                   "--no-progress"])
+                   "--no-progress", "--log-to-mlflow", "--experiment", "archive-runs"])
     text = capsys.readouterr().out
     assert status == 3, text  # the corrupt video is failed, the others are ok
     assert "models:/archive-matting/1 (registry version 1)" in text
@@ -100,6 +100,19 @@ def test_infer_on_s3_with_a_registered_model(ray_runtime, s3_server, registered,
         assert diff <= 3.0, f"{key}: rgba.webm alpha differs from pha by {diff:.2f}/255"
     assert not fs.exists(f"{out.removeprefix('s3://')}/corrupt/result.json")
     assert not fs.find(f"{out.removeprefix('s3://')}/_segments"), "segments are removed once joined"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(registered)
+    (run,) = client.search_runs([client.get_experiment_by_name("archive-runs").experiment_id])
+    assert run.data.params["model"] == "models:/archive-matting/1" and run.data.params["model_version"] == "1"
+    assert run.data.metrics["infer/ok"] == 2 and run.data.metrics["infer/failed"] == 1
+    assert run.data.metrics["infer/frames"] == 123 and run.data.metrics["infer/frames_per_s"] > 0
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == [log_name(local)]
+
+
+def log_name(out: Path) -> str:
+    return sorted((out / "_runs").glob("*.jsonl"))[-1].name
 
 
 def test_a_split_video_has_no_seams(ray_runtime, tmp_path):
