@@ -24,9 +24,10 @@ def test_jobs_folder_has_specs():
 
 @pytest.mark.parametrize("spec", JOBS, ids=lambda p: p.name)
 def test_every_job_spec_loads_as_its_commands_config(spec):
+    from pipelines.infer import InferConfig
     from pipelines.train import TrainConfig, resolve_recipe
 
-    cls = {"generate": GenerateConfig, "train": TrainConfig}[spec.stem]
+    cls = {"generate": GenerateConfig, "train": TrainConfig, "infer": InferConfig}[spec.stem]
     cfg = parsed(cls, [spec.stem, "--config", str(spec)])
     assert isinstance(cfg, cls)
     if cls is TrainConfig:  # its recipe keys resolve over the preset
