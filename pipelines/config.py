@@ -32,7 +32,7 @@ C = TypeVar("C")
 
 # the constrained types job configs declare their numeric fields with
 __all__ = ["Annotated", "Interval", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt",
-           "ConfigError", "Flag", "option", "from_dict", "load", "to_dict", "require", "add_command", "from_args"]
+           "ConfigError", "Flag", "option", "from_dict", "load", "apply_overrides", "is_job_spec", "to_dict", "require", "add_command", "from_args"]
 
 _DEST = "cfg:"  # argparse dests holding config values start with this, then the dotted key
 
@@ -110,10 +110,20 @@ def _describe(cls: type, err: dict) -> tuple[str, str]:
     return key, f"{err['msg'][:1].lower()}{err['msg'][1:]}, got {err['input']!r}"
 
 
-def load(cls: type[C], uri: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults of `cls`, then the YAML file at `uri` (any storage URI), then `overrides` (dotted keys)."""
-    data = _read_yaml(str(uri)) if uri else {}
-    for key, value in (overrides or {}).items():
+def load(cls: type[C], uri: str | Path | None = None, overrides: dict[str, Any] | None = None,
+         command: str | None = None) -> C:
+    """Defaults of `cls`, then the YAML file at `uri` (any storage URI), then `overrides` (dotted keys).
+
+    The file may also be a job spec (`jobs/*.yaml`: top-level `command` and `config`): its `config`
+    is used, and a spec of another command than `command` (when given) is refused.
+    """
+    data = _read_yaml(str(uri), command) if uri else {}
+    return from_dict(cls, apply_overrides(data, overrides or {}))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with each dotted key of `overrides` set (nested mappings made as needed); changes `data` in place."""
+    for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = data
         for p in parents:
@@ -121,10 +131,27 @@ def load(cls: type[C], uri: str | Path | None = None, overrides: dict[str, Any] 
                 node[p] = {}
             node = node[p]
         node[leaf] = value
-    return from_dict(cls, data)
+    return data
 
 
-def _read_yaml(uri: str) -> dict[str, Any]:
+def is_job_spec(data: Any) -> bool:
+    """Whether a YAML document is a job spec (DESIGN.md "Job specs") rather than a plain config."""
+    return isinstance(data, dict) and "command" in data and "config" in data
+
+
+def _spec_config(uri: str, spec: dict[str, Any], command: str | None) -> dict[str, Any]:
+    """The `config` mapping of job spec `spec`, refused when it is for another command."""
+    if command is not None and spec["command"] != command:
+        raise ConfigError(f"{uri}: a job spec for `matting {spec['command']}`, not `matting {command}`")
+    config = spec["config"]
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{uri}: the job spec's `config` must be a mapping")
+    return config
+
+
+def _read_yaml(uri: str, command: str | None = None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(storage.read_bytes(uri))
     except FileNotFoundError:
@@ -137,6 +164,8 @@ def _read_yaml(uri: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{uri}: expected a YAML mapping at the top level")
+    if is_job_spec(data):
+        return _spec_config(uri, data, command)
     return data
 
 
@@ -172,7 +201,7 @@ def add_command(subparsers, name: str, cls: type, run: Callable[[argparse.Namesp
     for n in nested:
         value = functools.reduce(getattr, n.key.split("."), defaults)
         _add_flag(p, n.key, _type_at(cls, n.key), value, {"help": n.help, "metavar": n.metavar, "flags": (n.flag,)})
-    p.set_defaults(run=run, **{_FLAGS: _flag_names(p)})
+    p.set_defaults(run=run, config_class=cls, **{_FLAGS: _flag_names(p)})  # config_class: `matting submit` validates
     return p
 
 
@@ -192,7 +221,7 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
     """
     given = {k[len(_DEST):]: v for k, v in vars(args).items() if k.startswith(_DEST) and v is not None}
     try:
-        return load(cls, args.config, given)
+        return load(cls, args.config, given, command=getattr(args, "command", None))
     except ConfigError as exc:
         if not exc.problems:
             raise

@@ -24,15 +24,36 @@ def test_jobs_folder_has_specs():
 
 @pytest.mark.parametrize("spec", JOBS, ids=lambda p: p.name)
 def test_every_job_spec_loads_as_its_commands_config(spec):
-    from pipelines.infer import InferConfig
+    """`matting <command> --config jobs/<spec>.yaml` takes the spec's `config` as that command's typed config."""
+    import yaml
+
     from pipelines.train import TrainConfig, resolve_recipe
 
-    cls = {"generate": GenerateConfig, "train": TrainConfig, "infer": InferConfig}[spec.stem]
-    cfg = parsed(cls, [spec.stem, "--config", str(spec)])
-    assert isinstance(cfg, cls)
-    if cls is TrainConfig:  # its recipe keys resolve over the preset
+    command = yaml.safe_load(spec.read_text())["command"]
+    args = build_parser().parse_args([command, "--config", str(spec)])
+    cfg = cfglib.from_args(args.config_class, args)
+    assert isinstance(cfg, args.config_class) and cfglib.is_job_spec(yaml.safe_load(spec.read_text()))
+    if isinstance(cfg, TrainConfig):  # its recipe keys resolve over the preset
         recipe = resolve_recipe(cfg.preset, cfg.recipe, cfg.steps, cfg.backbone_weights)
         assert recipe.steps == 20000 and recipe.augment.still == 0.3 and recipe.augment.size == (512, 288)
+
+
+def test_every_command_has_a_job_spec():
+    import yaml
+
+    assert {yaml.safe_load(p.read_text())["command"] for p in JOBS} == {"generate", "train", "infer", "evaluate"}
+
+
+def test_a_spec_of_another_command_is_refused(capsys):
+    assert main(["train", "--config", str(REPO / "jobs" / "generate.yaml")]) == 2
+    assert "a job spec for `matting generate`, not `matting train`" in capsys.readouterr().err
+
+
+def test_a_spec_with_a_bad_config_key_is_refused_naming_it(tmp_path, capsys):
+    f = tmp_path / "spec.yaml"
+    f.write_text("command: generate\nconfig: {clips: 3, fakemotion: {wobble: 1}}\n")
+    assert main(["generate", "--config", str(f)]) == 2
+    assert "fakemotion.wobble: unknown key" in capsys.readouterr().err
 
 
 def test_job_spec_values_reach_the_typed_config():
