@@ -28,6 +28,9 @@ __all__ = ["VideoResult", "matte_video", "fit_frame"]
 
 log = logging.getLogger(__name__)
 
+# A decoder may legitimately emit a frame or two fewer than the container declares.
+TRUNCATION_TOLERANCE = 2
+
 
 @dataclass
 class VideoResult:
@@ -66,6 +69,8 @@ def matte_video(video: str, info: VideoInfo, matter: Matter, outputs: MatteOutpu
         outputs.abort()
         result.status, result.reason = "failed", "no frame could be read"
         return result
+    if segment is None or segment.index == segment.count - 1:
+        _note_truncation(info, result)
     result.status = "partial" if result.lost_frames else "ok"
     numbers = info.frame_numbers
     document = {
@@ -146,6 +151,15 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
     errors = [e for e in errors if e["index"] >= first_written]  # the warm-up's belong to the segment before
     return VideoResult("", written, sorted(e["index"] for e in errors), errors, resized,
                        _timings(matter, written, decode_s, encode_s, wall, outputs.background))
+
+
+def _note_truncation(info: VideoInfo, result: VideoResult) -> None:
+    """A video that decodes fewer frames than its container declares lost the rest: say so (partial)."""
+    if info.kind == "video" and info.declared_frames > info.frames + TRUNCATION_TOLERANCE:
+        missing = list(range(info.frames, info.declared_frames))
+        result.errors.append({"index": info.frames, "message": f"truncated: declares {info.declared_frames} frames "
+                                                               f"but only {info.frames} decode"})
+        result.lost_frames = sorted(set(result.lost_frames) | set(missing))
 
 
 def fit_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:

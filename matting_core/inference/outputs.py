@@ -12,6 +12,7 @@ that a later run into the same parent can remove the temporaries of runs killed 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -132,7 +133,7 @@ def make_temporary(out_dir: str, stem: str) -> str:
     final = os.path.join(local_parent, stem)
     if os.path.lexists(final) and not os.path.isdir(final):
         # a set replaces an earlier set, never a file of the user's that happens to bear its name
-        raise FileExistsError(f"{final} exists and is not a folder of mattes: move it away or choose another output")
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder of mattes", final)
     remove_abandoned_temporaries(local_parent)
     tmp = os.path.join(local_parent, f".{stem}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
