@@ -1,12 +1,13 @@
 # make demo: set everything up, then run the whole pipeline on embedded defaults.
 # make test: set up what is missing, then run the test suite.
+# make cluster-up / cluster-down: the local multi-node Ray cluster with S3 and MLflow (infra/local).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 SHARED_MODEL := ../shared/models/selfie_segmentation_landscape.tflite
 
-.PHONY: demo test setup models bench clean
+.PHONY: demo test setup models bench clean cluster-up cluster-down
 
 setup: $(STAMP) models
 
@@ -30,6 +31,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# State (addresses, pids, env.sh) in $(CLUSTER_DIR); SETUP= skips the install check (tests do).
+CLUSTER_DIR ?= .cluster
+SETUP ?= $(STAMP)
+
+cluster-up: $(SETUP)
+	$(BIN)/python -m infra.local up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(BIN)/python -m infra.local down --dir $(CLUSTER_DIR)
 
 bench: setup
 	$(BIN)/python bench/bench_generate.py
