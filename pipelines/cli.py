@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "pipelines.train",
     "promote": "pipelines.promote",
     "demo": "pipelines.demo",
+    "submit": "pipelines.submit",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
