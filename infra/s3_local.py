@@ -60,20 +60,27 @@ class LocalS3:
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.port={self.port}", "-admin.ui=false", "-webdav=false"]
         cmd += [f"-{k}={v}" for k, v in ports.items()]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_until_up(timeout)
+        except BaseException:  # not up, or interrupted while waiting: __exit__ will not run, stop it here
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_up(self, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.log_path}")
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)
-                return self
+                return
             except urllib.error.HTTPError:
-                return self  # 403 without credentials: the S3 API is up
+                return  # 403 without credentials: the S3 API is up
             except OSError:
                 time.sleep(0.2)
-        self.stop()
         raise RuntimeError(f"weed mini did not answer on {self.endpoint} within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
@@ -100,14 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=".s3-data", help="data folder (default .s3-data)")
     p.add_argument("--port", type=int, default=8333, help="S3 port (default 8333)")
     args = p.parse_args(argv)
-    with LocalS3(args.dir, args.port) as s3:
-        print(f"S3 endpoint {s3.endpoint} (data in {args.dir}); export AWS_ENDPOINT_URL={s3.endpoint}; Ctrl-C stops")
-        try:
+    # weed runs in its own session (so a terminal's Ctrl-C does not reach it half-way): stopping it
+    # is our job on SIGTERM as on SIGINT, or it outlives us.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with LocalS3(args.dir, args.port) as s3:
+            print(f"S3 endpoint {s3.endpoint} (data in {args.dir}); export AWS_ENDPOINT_URL={s3.endpoint}; "
+                  f"Ctrl-C stops", flush=True)
             while s3.proc and s3.proc.poll() is None:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

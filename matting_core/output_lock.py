@@ -84,6 +84,10 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         """Take the lock, or take over a stale one; raises OutputLocked when a live run holds it."""
+        with storage.faults(self.uri, self.fs):  # access denied, no answer: a StorageError naming the lock
+            return self._acquire()
+
+    def _acquire(self) -> "OutputLock":
         started = time.time()
         record = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": self.run_id, "token": self.token,
                   "started": started, "started_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -1,6 +1,9 @@
 """The `matting` command line: one subcommand per job, each in its own module.
 
-Exit status (DESIGN.md): 0 everything produced, 3 partial, 2 usage error, 1 failure.
+Exit status (DESIGN.md): 0 everything produced, 3 partial, 2 usage error, 1 failure; 130 after
+Ctrl-C (SIGINT) and 143 after SIGTERM, both of which abort outputs as an error does. A storage fault
+(`StorageError`) or an unusable output location is one line on stderr and exit 1 (the traceback
+only with -v).
 """
 from __future__ import annotations
 
@@ -8,7 +11,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import traceback
 
 from pipelines.config import ConfigError
 
@@ -28,6 +34,7 @@ COMMANDS = {
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as a shell reports them
 
 
 class UsageError(Exception):
@@ -80,14 +87,102 @@ def _main(argv: list[str] | None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    if not args.verbose:  # botocore's "Found credentials in environment variables" on every run
+        for name in ("botocore.credentials", "aiobotocore.credentials"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    previous = _handle_sigterm()
     try:
+        _check_storage_limits()
         return int(args.run(args) or 0)
     except (UsageError, ConfigError) as exc:
         print(f"matting {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"matting {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"matting {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a storage or output fault is one line; anything else re-raised
+        message = failure_message(exc)
+        if message is None:
+            raise
+        print(f"matting {args.command}: {message}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so the same cleanup runs (outputs aborted, Ray shut down)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm():
+    """Make SIGTERM raise Terminated in the main thread; returns the handler it replaced (None: not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers can only be set from the main thread
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _check_storage_limits() -> None:
+    from matting_core import storage
+
+    try:
+        storage.storage_limits()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# output locations that cannot be used: what is wrong with the path, in words
+_PATH_FAULTS = {PermissionError: "permission denied", NotADirectoryError: "a part of the path is a file, not a folder",
+                IsADirectoryError: "is a folder, not a file"}
+
+
+def failure_message(exc: BaseException) -> str | None:
+    """One line (where: why) for a storage or file-location failure anywhere in `exc`'s causes, else None.
+
+    Ray wraps a task's exception (its `cause`), so the chain is searched, not only `exc`.
+    """
+    from matting_core import storage
+
+    chain = list(_causes(exc))
+    for e in chain:
+        if isinstance(e, storage.StorageError):
+            return str(e)
+    for e in chain:
+        found = storage.as_storage_error(e)  # raw S3 errors from code that used a filesystem directly
+        if found is not None:
+            return str(found)
+        if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError):
+            return f"{storage.redact_uri(e.filename)}: {_path_fault(e)}"
+    return None
+
+
+def _path_fault(exc: OSError) -> str:
+    if isinstance(exc, FileExistsError):
+        return "already exists" if os.path.isdir(exc.filename) else "is a file, where a folder is needed"
+    for kind, words in _PATH_FAULTS.items():
+        if isinstance(exc, kind):
+            return words
+    return (exc.strerror or str(exc)).lower()
+
+
+def _causes(exc: BaseException | None):
+    """`exc`, then what caused it (Ray's `cause`, `__cause__`, or the unsuppressed `__context__`)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        wrapped = getattr(exc, "cause", None)
+        if isinstance(wrapped, BaseException):  # a Ray wrapper: also an instance of its cause's class, but its
+            exc = wrapped                       # text is the worker's traceback; the cause is what to say
+            continue
+        yield exc
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
 
 
 if __name__ == "__main__":

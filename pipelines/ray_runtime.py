@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 from matting_core.runtime import GLIBC_TUNABLES
 
@@ -11,7 +13,8 @@ log = logging.getLogger(__name__)
 # Non-secret variables a worker needs to reach the same storage as the driver; keys are
 # inherited from the environment (locally) or the cluster's own configuration, never passed here.
 _FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "MATTING_MODEL_CACHE", "MLFLOW_TRACKING_URI")
+              "MATTING_MODEL_CACHE", "MLFLOW_TRACKING_URI", "MATTING_STORAGE_CONNECT_TIMEOUT",
+              "MATTING_STORAGE_READ_TIMEOUT", "MATTING_STORAGE_RETRIES")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -24,12 +27,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
         env.setdefault("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES))
         kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+        sigterm = signal.getsignal(signal.SIGTERM)
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            # ray.init replaces SIGTERM's handler with sys.exit; keep the CLI's (it runs the Ctrl-C cleanup)
+            signal.signal(signal.SIGTERM, sigterm)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the summary
     ctx = DataContext.get_current()
+    # A failed task raises the job's own exception (a StorageError, say), not a UserCodeException
+    # whose cause is lost between processes, so the CLI can still say what went wrong in one line.
+    ctx.raise_original_map_exception = True
     ctx.enable_progress_bars = False  # the job draws one bar of its own
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False

@@ -204,3 +204,52 @@ def test_tune_malloc_applies_in_process():
     from matting_core.runtime import tune_malloc
 
     assert tune_malloc() is True  # glibc (Linux) machines: mallopt accepted both settings
+
+
+def _one_line_failure(capsys, rc: int, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("matting matte")]
+    assert len(lines) == 1 and all(f in lines[0] for f in fragments), err
+    return lines[0]
+
+
+def test_output_folder_that_is_a_file_is_one_clear_line(tmp_path, checkpoint, capsys):
+    if not CARPHONE.exists():
+        pytest.skip(f"{CARPHONE} absent")
+    taken = tmp_path / "mattes"
+    taken.write_text("not a folder")
+    rc = main(["matte", str(CARPHONE), "-o", str(taken), "--model", checkpoint, "--formats", "pha"])
+    _one_line_failure(capsys, rc, str(taken), "is a file")
+    rc = main(["matte", str(CARPHONE), "-o", str(taken / "sub"), "--model", checkpoint, "--formats", "pha"])
+    _one_line_failure(capsys, rc, str(taken / "sub"), "not a folder")
+    assert taken.read_text() == "not a folder"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process cannot write into: mode 0o555, or (as root, whom modes do not stop) immutable."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root, where chmod does not stop writes, and chattr +i is not allowed here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_read_only_output_folder_is_one_clear_line(read_only_folder, checkpoint, capsys):
+    if not CARPHONE.exists():
+        pytest.skip(f"{CARPHONE} absent")
+    rc = main(["matte", str(CARPHONE), "-o", str(read_only_folder), "--model", checkpoint, "--formats", "pha"])
+    _one_line_failure(capsys, rc, str(read_only_folder), "permission denied")
+    assert os.listdir(read_only_folder) == []
