@@ -34,7 +34,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 __all__ = ["StorageError", "faults", "as_storage_error", "storage_limits", "filesystem", "join", "exists", "list_files", "read_bytes", "write_bytes_atomic",
-           "open_atomic", "local_path", "storage_options", "remove", "redact_uri"]
+           "open_atomic", "local_path", "storage_options", "remove"]
 
 # variable -> default of the limits on every S3 request (see the module docstring)
 LIMITS = {"MATTING_STORAGE_CONNECT_TIMEOUT": 10.0, "MATTING_STORAGE_READ_TIMEOUT": 15.0,
@@ -288,10 +288,3 @@ def remove(uri: str, recursive: bool = False) -> None:
     with faults(uri, fs):
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with any password in its user-info replaced by `***` (`http://user:***@host/...`)."""
-    import re
-
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", str(uri))

@@ -149,6 +149,7 @@ def failure_message(exc: BaseException) -> str | None:
     Ray wraps a task's exception (its `cause`), so the chain is searched, not only `exc`.
     """
     from matting_core import storage
+    from matting_core.redaction import redact
 
     chain = list(_causes(exc))
     for e in chain:
@@ -159,7 +160,7 @@ def failure_message(exc: BaseException) -> str | None:
         if found is not None:
             return str(found)
         if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError):
-            return f"{storage.redact_uri(e.filename)}: {_path_fault(e)}"
+            return f"{redact(e.filename)}: {_path_fault(e)}"
     return None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from matting_core import storage
 from matting_core.data.fakemotion import GENERATOR_VERSION, FakeMotionConfig
+from matting_core.redaction import redact_config
 from matting_core.output_lock import OutputLock, OutputLocked
 from pipelines import config as cfglib
 from pipelines.config import Annotated, Interval, NonNegativeInt, PositiveInt, option
@@ -352,14 +353,14 @@ def _run_locked(cfg: GenerateConfig) -> GenerateSummary:
     fp = fingerprint(cfg, sources)
     _prepare_output(cfg, fp)
     errors_uri = storage.join(cfg.out, "errors.jsonl")
-    storage.write_bytes_atomic(errors_uri, "".join(json.dumps(r) + "\n" for r in rejections).encode())
+    storage.write_bytes_atomic(errors_uri, "".join(json.dumps(redact_config(r)) + "\n" for r in rejections).encode())
     if not valid_photos or not valid_bgs:
         what = "photo" if not valid_photos else "background"
         return GenerateSummary(1, f"no valid {what} remains after validation "
                                   f"({len(rejections)} input(s) rejected, see {errors_uri})")
-    storage.write_bytes_atomic(storage.join(cfg.out, MARKER), json.dumps(
+    storage.write_bytes_atomic(storage.join(cfg.out, MARKER), json.dumps(redact_config(
         {"fingerprint": fp, "generator_version": GENERATOR_VERSION, "config": cfglib.to_dict(cfg),
-         "sources": sources}, indent=1).encode())
+         "sources": sources}), indent=1).encode())
 
     ranges = [(s, min(s + cfg.shard_size, cfg.clips)) for s in range(0, cfg.clips, cfg.shard_size)]
     wanted = {shard_name(*r) for r in ranges}
@@ -385,7 +386,7 @@ def _run_locked(cfg: GenerateConfig) -> GenerateSummary:
         written += rows
         failed += meta.get("failed", [])
     rejections += failed
-    storage.write_bytes_atomic(errors_uri, "".join(json.dumps(r) + "\n" for r in rejections).encode())
+    storage.write_bytes_atomic(errors_uri, "".join(json.dumps(redact_config(r)) + "\n" for r in rejections).encode())
     fm = cfg.fakemotion
     manifest = {
         "schema_version": SCHEMA_VERSION, "generator_version": GENERATOR_VERSION,
@@ -406,7 +407,8 @@ def _run_locked(cfg: GenerateConfig) -> GenerateSummary:
         "versions": _package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_bytes_atomic(storage.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    storage.write_bytes_atomic(storage.join(cfg.out, "manifest.json"), json.dumps(redact_config(manifest),
+                                                                                  indent=1).encode())
     status = 0 if written == cfg.clips else (3 if written else 1)
     msg = _summary_text(cfg, manifest, rejections, time.time() - started)
     return GenerateSummary(status, msg, manifest)

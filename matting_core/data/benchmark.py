@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from matting_core.config_checks import check_range, check_size
+from matting_core.redaction import redact_config
 
 from matting_core import storage
 from matting_core.data.sources import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SUBJECT, BackgroundReader, Photo, PhotoInfo,
@@ -364,7 +365,7 @@ def make_benchmark(photos: list[str], backgrounds: list[str], out: str, cfg: Ben
                 "photos": len(infos), "backgrounds": len(bg_infos),
                 "clips": records, "failed": [r.to_dict() for r in summary.failed],
                 "rejected": [r.to_dict() for r in summary.rejected]}
-    storage.write_bytes_atomic(manifest_uri, json.dumps(manifest, indent=1).encode())
-    lines = "".join(json.dumps(r.to_dict()) + "\n" for r in summary.rejected + summary.failed)
+    storage.write_bytes_atomic(manifest_uri, json.dumps(redact_config(manifest), indent=1).encode())
+    lines = "".join(json.dumps(redact_config(r.to_dict())) + "\n" for r in summary.rejected + summary.failed)
     storage.write_bytes_atomic(storage.join(out, "errors.jsonl"), lines.encode())
     return summary
