@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import os
 import re
 import secrets as secrets_lib
@@ -283,6 +284,9 @@ def run(args) -> int:
 
     cfg = cfglib.from_args(SubmitConfig, args)
     cfglib.require(cfg, {"SPEC.yaml": "spec"})
+    if not args.verbose:  # Ray's packaging chatter (one line per .gitignore it honours) hides the job's own log
+        logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)
+        logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
     spec = read_spec(cfg.spec)
     config = job_config(spec, cfg.set, cfg.spec)
     sub = build_submission(spec, config, cfg.spec)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from infra.s3_local import LocalS3, free_port
 
-__all__ = ["ClusterInfo", "cluster_file", "read_cluster", "read_env", "up", "down", "main"]
+__all__ = ["ClusterInfo", "cluster_file", "cluster_pids", "read_cluster", "read_env", "up", "down", "main"]
 
 DEFAULT_DIR = ".cluster"
 CLUSTER_FILE_ENV = "MATTING_CLUSTER_FILE"  # where `matting submit` looks, else ./.cluster/cluster.json
@@ -192,8 +192,14 @@ def _start_mlflow(state: Path, creds: dict[str, str], endpoint: str, bucket: str
 
 def _start_ray_node(node: dict, extra: list[str], temp_dir: str, env: dict[str, str], state: Path,
                     started: list[dict]) -> None:
-    """`ray start --block` for one node, with its own resources and every port of its own."""
-    cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+    """`ray start --block` for one node, with its own resources, ports and temp folder.
+
+    Nodes sharing one temp folder would share a log folder, and each node's log monitor would
+    forward every worker's lines again: each line would reach the driver once per node.
+    """
+    node_temp = Path(temp_dir) / node["name"]
+    node_temp.mkdir()
+    cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={node_temp}",
            f"--num-cpus={node['num_cpus']:g}", f"--resources={json.dumps(node['resources'])}",
            "--disable-usage-stats", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
@@ -281,7 +287,7 @@ def down(state_dir: str | os.PathLike = DEFAULT_DIR, timeout: float = 20.0) -> l
 
 
 def cluster_pids(processes: list[dict], ray_temp_dir: str | None) -> list[int]:
-    """Pids of the processes of these sessions (those leaders still the same processes) or naming the temp folder."""
+    """Live pids of these sessions (whose leaders are still the same processes, or gone) or naming the Ray temp folder."""
     sessions = {p["pid"] for p in processes if _is_same_process(p) or not _exists(p["pid"])}
     found = []
     for entry in os.listdir("/proc"):
@@ -289,9 +295,12 @@ def cluster_pids(processes: list[dict], ray_temp_dir: str | None) -> list[int]:
             continue
         pid = int(entry)
         try:
-            sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            sid = int(fields[3])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except (OSError, IndexError, ValueError):
+            continue
+        if fields[0] == "Z":  # dead, waiting for its parent (here init) to reap it
             continue
         if sid in sessions or (ray_temp_dir and ray_temp_dir in cmdline):
             found.append(pid)
