@@ -116,6 +116,50 @@ def test_generate_train_promote_infer_on_the_local_multi_node_cluster(cluster, t
         assert env["AWS_SECRET_ACCESS_KEY"] not in run.stdout + run.stderr
 
 
+def test_the_jobs_own_exit_status_comes_back_and_no_wait_prints_the_id(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    info, env = cluster
+    usage = _submit("train", ["data=''"], env)  # valid keys, but no data: the entrypoint's usage error
+    assert usage.returncode == 2, usage.stdout[-2000:] + usage.stderr[-2000:]
+    assert "missing --data" in usage.stdout and "failed (exit status 2)" in usage.stderr
+    failed = _submit("infer", ["model=models:/no-such-model@champion", "input=s3://matting/archive",
+                               "out=s3://matting/nothing"], env)
+    assert failed.returncode == 1 and "failed (exit status 1)" in failed.stderr, failed.stderr[-2000:]
+    queued = _run([MATTING, "submit", "jobs/train.yaml", "--no-wait", "--set", "data=''"], env)
+    assert queued.returncode == 0, queued.stderr
+    job_id = queued.stdout.strip().splitlines()[-1]
+    client = JobSubmissionClient(info.dashboard)
+    assert client.get_job_info(job_id).entrypoint.startswith("matting train --config .matting-job-")
+
+
+def test_ctrl_c_without_a_terminal_stops_the_job(cluster):
+    import signal
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    info, env = cluster
+    data = shared_path("data")
+    # long enough to be interrupted: 500 clips of the full-size portraits
+    proc = subprocess.Popen([MATTING, "submit", "jobs/generate.yaml", "--set", "out=s3://matting/long",
+                             "--set", f"photos=[{data / 'photos/p3m'}]", "--set", "clips=500",
+                             "--set", f"backgrounds=[{data / 'videos/backgrounds/bikes.mp4'}]"],
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line, deadline = "", time.time() + 60
+    while time.time() < deadline and "submitted to" not in line:
+        line = proc.stderr.readline()
+    job_id = line.split("job ", 1)[1].split()[0]
+    client = JobSubmissionClient(info.dashboard)
+    while time.time() < deadline and str(client.get_job_status(job_id)) != "RUNNING":
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert str(client.get_job_status(job_id)) == "STOPPED" and f"job {job_id} stopped" in err
+
+
 def test_cluster_down_leaves_no_process_it_started(cluster):
     info, env = cluster
     started = cluster_pids(info.processes, info.ray_temp_dir)
