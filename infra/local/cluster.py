@@ -4,9 +4,15 @@
     python -m infra.local down [--dir .cluster]
     python -m infra.local status [--dir .cluster]
 
-Everything runs from this virtualenv on free loopback ports, each service in a session of its own
+Everything runs from this virtualenv on free ports, each service in a session of its own
 (`start_new_session`), so `down` stops exactly those sessions (and any process whose command line
 names this cluster's Ray temp folder), never another Ray instance on the machine: `ray stop` would.
+S3 and MLflow listen on 127.0.0.1 only; Ray resolves 127.0.0.1 to the machine's address for its
+own components (services.resolve_ip_for_localhost) while clients reach it on 127.0.0.1. The Ray
+temp folder is not /tmp/ray, so `ray start` writes its "current cluster" file there and another
+process's bare `ray.init()` (a test session's) starts its own runtime instead of joining this one.
+The cluster declares 4 logical CPUs by default (2 per node) on these 2 cores: Ray Train's workers
+reserve theirs ahead of Ray Data, and with no CPU left for Data a run hangs (STACK.md).
 
 `up` writes DIR/cluster.json (addresses, process ids: what `matting submit` and the tests read) and
 DIR/env.sh (the `export` lines, keys included, mode 0600); DIR holds a `.gitignore` of `*`. S3 keys
