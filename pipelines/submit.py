@@ -4,7 +4,9 @@ The spec's `config` (with the `--set` overrides) is checked against its command'
 before anything is sent, then written as a YAML file into the working folder that Ray uploads, and
 the job's entrypoint is `matting COMMAND --config THAT_FILE`: the same config path a user runs by
 hand, with no config text on a command line. Secrets travel as runtime-env variables, taken by
-name from this environment; they are never written to a file or printed.
+name from this environment; submit never writes or prints them. Ray itself logs each runtime env,
+values included, in the head's runtime_env_agent.log: on a shared cluster give the cluster its own
+keys (KubeRay: a Secret the pods read) and leave those variables unset where you submit from.
 """
 from __future__ import annotations
 
