@@ -1,17 +1,20 @@
-"""`matting demo`: the whole pipeline on embedded defaults, offline, on a laptop.
+"""`matting demo`: the whole trained chain on embedded defaults, offline, on a laptop, in minutes.
 
-1. procedural sources: person-like photos with soft hair edges, textured moving backgrounds;
+1. procedural sources: person-like photos with soft hair edges (some held out), moving backgrounds;
 2. `generate`: a fake-motion clip dataset on a local Ray runtime;
-3. `make-benchmark`: evaluation clips with exact alpha and motion unlike the generator's;
-4. `matte`: each benchmark clip matted by a checkpoint (a freshly initialised one unless
-   --model is given: training arrives with `matting train`), with the selfie prior;
-5. `evaluate`: the model beside the prior-only baselines, as JSON, CSV and an HTML report;
-6. `preview.png`: one frame's outputs side by side.
-Everything lands under --out.
+3. `train`: the `cpu-small` recipe for a few minutes on Ray Train (2 workers), tracked in a local
+   MLflow store and registered with alias `candidate`;
+4. `promote`: that version becomes `champion`;
+5. `make-benchmark`: clips of the held-out people with exact alpha and motion unlike the generator's;
+6. `infer`: the benchmark, as an archive, matted with `models:/NAME@champion`;
+7. `evaluate`: the trained model beside the prior-only baselines (JSON, CSV, HTML), then a
+   one-screen summary, the loss curve (`loss.png`) and one frame's outputs (`preview.png`).
+Everything lands under --out (the MLflow store too, unless MLFLOW_TRACKING_URI is set).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,25 +29,18 @@ class DemoConfig:
     """Configuration of `matting demo`."""
 
     out: str = option("demo-output", "output folder", metavar="DIR")
-    clips: PositiveInt = option(48, "clips to generate", metavar="N")
-    workers: PositiveInt = option(2, "Ray workers", metavar="N")
+    clips: PositiveInt = option(64, "clips to generate", metavar="N")
+    workers: PositiveInt = option(2, "Ray workers (generate, train)", metavar="N")
     seed: NonNegativeInt = option(0, "seed of the sources, the dataset and the benchmark", metavar="S")
-    photos: PositiveInt = option(12, "procedural photos to make", metavar="N")
+    photos: PositiveInt = option(12, "procedural photos to train on", metavar="N")
+    held_out: PositiveInt = option(4, "procedural photos held out for the benchmark", metavar="N")
     videos: PositiveInt = option(3, "procedural background videos to make", metavar="N")
-    benchmark_clips: PositiveInt = option(2, "benchmark clips", metavar="N")
+    steps: PositiveInt = option(300, "training steps (cpu-small preset)", metavar="K")
+    benchmark_clips: PositiveInt = option(3, "benchmark clips", metavar="N")
     benchmark_frames: Annotated[int, Interval(ge=2)] = option(24, "frames per benchmark clip", metavar="T")
-    model: str = option("", "checkpoint or models:/ reference to matte with (unset: a fresh, untrained one)",
+    model_name: str = option("demo-matting", "registered model name", metavar="NAME")
+    model: str = option("", "matte with this checkpoint or models:/ reference instead of training one",
                         metavar="REF")
-
-
-def _fresh_checkpoint(path: str) -> str:
-    import torch
-
-    from matting_core.model import matting_net, save_checkpoint
-
-    torch.manual_seed(0)
-    save_checkpoint(matting_net(backbone_weights="none"), path)
-    return path
 
 
 def write_preview(clip_dir: str, matte_dir: str, out_png: str, index: int = 0) -> str:
@@ -77,6 +73,40 @@ def write_preview(clip_dir: str, matte_dir: str, out_png: str, index: int = 0) -
     return out_png
 
 
+def plot_curve(points: list[tuple[int, float]], out_png: str, title: str) -> str:
+    """A line plot of (step, value) points as a PNG (OpenCV only: no plotting library needed)."""
+    import cv2
+    import numpy as np
+
+    w, h, m = 640, 320, 48
+    img = np.full((h, w, 3), 255, np.uint8)
+    steps = np.array([p[0] for p in points], np.float64)
+    values = np.array([p[1] for p in points], np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    hi = hi if hi > lo else lo + 1.0
+    x = m + (steps - steps.min()) / max(1.0, steps.max() - steps.min()) * (w - 2 * m)
+    y = h - m - (values - lo) / (hi - lo) * (h - 2 * m)
+    cv2.rectangle(img, (m, m), (w - m, h - m), (200, 200, 200), 1)
+    cv2.polylines(img, [np.stack([x, y], 1).astype(np.int32)], False, (180, 90, 20), 2, cv2.LINE_AA)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(img, title, (m, 30), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, f"{hi:.3f}", (4, m + 4), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    cv2.putText(img, f"{lo:.3f}", (4, h - m), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    cv2.putText(img, f"step {int(steps.min())}", (m, h - 20), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    cv2.putText(img, f"step {int(steps.max())}", (w - m - 70, h - 20), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    cv2.imwrite(out_png, img)
+    return out_png
+
+
+def _loss_history(run_id: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.model_ref import tracking_uri
+
+    history = MlflowClient(tracking_uri()).get_metric_history(run_id, "train/loss")
+    return sorted((m.step, m.value) for m in history)
+
+
 def run_demo(cfg: DemoConfig) -> int:
     """Run every stage; returns the exit status (the worst of the stages')."""
     from matting_core.data.synthetic import write_sources
@@ -84,12 +114,19 @@ def run_demo(cfg: DemoConfig) -> int:
     from pipelines.generate import GenerateConfig, run_generate
 
     t0 = time.time()
-    out = cfg.out
+    out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
-    print(f"[1/6] procedural sources -> {out}/sources")
-    src = write_sources(os.path.join(out, "sources"), photos=cfg.photos, videos=cfg.videos, seed=cfg.seed)
+    # The demo's own MLflow store (absolute: Ray workers log to it too), unless one is configured;
+    # set in the environment because every stage (train, promote, infer) reads it from there.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(out, 'mlflow.db')}")
+    stages = 7 if not cfg.model else 5
+    step = iter(range(1, stages + 1))
+    print(f"[{next(step)}/{stages}] procedural sources -> {out}/sources")
+    src = write_sources(os.path.join(out, "sources", "train"), photos=cfg.photos, videos=cfg.videos, seed=cfg.seed)
+    held = write_sources(os.path.join(out, "sources", "held-out"), photos=cfg.held_out, videos=cfg.videos,
+                         seed=cfg.seed + 1000)
 
-    print(f"[2/6] matting generate -> {out}/clips")
+    print(f"[{next(step)}/{stages}] matting generate -> {out}/clips")
     gen = GenerateConfig(photos=(src["photos"],), backgrounds=(src["backgrounds"],),
                          out=os.path.join(out, "clips"), clips=cfg.clips, workers=cfg.workers,
                          seed=cfg.seed, progress=sys.stderr.isatty())
@@ -99,40 +136,99 @@ def run_demo(cfg: DemoConfig) -> int:
     if summary.status == 1:
         return 1
 
+    facts: dict = {"clips": summary.manifest.get("counts", {}).get("clips_written", 0)}
+    model = cfg.model
+    if not model:
+        model, status = _train_and_promote(cfg, out, next(step), stages, facts)
+        statuses.append(status)
+        if status != 0:
+            return status
+
     bench = os.path.join(out, "benchmark")
-    print(f"[3/6] matting make-benchmark -> {bench}")
-    statuses.append(cli(["make-benchmark", "--photos", src["photos"], "--backgrounds", src["backgrounds"],
+    print(f"[{next(step)}/{stages}] matting make-benchmark (held-out people) -> {bench}")
+    statuses.append(cli(["make-benchmark", "--photos", held["photos"], "--backgrounds", held["backgrounds"],
                          "--out", bench, "--clips", str(cfg.benchmark_clips),
                          "--frames", str(cfg.benchmark_frames), "--size", "512x288", "--seed", str(cfg.seed)]))
     if statuses[-1] == 1:
         return 1
 
-    model = cfg.model or _fresh_checkpoint(os.path.join(out, "model-untrained.pt"))
     mattes = os.path.join(out, "mattes")
-    clips = sorted(d for d in os.listdir(bench) if os.path.isdir(os.path.join(bench, d, "com")))
-    print(f"[4/6] matting matte {len(clips)} benchmark clip(s) with {model} -> {mattes}")
-    for clip in clips:
-        statuses.append(cli(["matte", os.path.join(bench, clip, "com"), "-o", mattes, "--model", model,
-                             "--formats", "pha,fgr,rgba.webm,composite.mp4"]))
-        if statuses[-1] == 1:
-            return 1
+    print(f"[{next(step)}/{stages}] matting infer {model} over the benchmark -> {mattes}")
+    statuses.append(cli(["infer", "--model", model, "--input", bench, "--out", mattes, "--actors", str(cfg.workers),
+                         "--formats", "pha,fgr,rgba.webm,composite.mp4", "--no-progress"]))
+    if statuses[-1] == 1:
+        return 1
 
     report = os.path.join(out, "report", "evaluation.json")
-    print(f"[5/6] matting evaluate -> {report} (+ .csv, .html)")
+    print(f"[{next(step)}/{stages}] matting evaluate -> {report} (+ .csv, .html)")
     statuses.append(cli(["evaluate", "--true", bench, "--pred", f"model={mattes}", "--out", report]))
 
+    clips = sorted(d for d in os.listdir(bench) if os.path.isdir(os.path.join(bench, d, "com")))
     preview = write_preview(os.path.join(bench, clips[0]), os.path.join(mattes, clips[0]),
                             os.path.join(out, "preview.png"), index=cfg.benchmark_frames // 2)
-    print(f"[6/6] preview of one frame -> {preview}")
     status = max(statuses)  # 0 ok < 1 failed < 2 usage < 3 partial; 1 and 2 returned early
-    print(f"demo finished in {time.time() - t0:.0f} s with status {status}; outputs under {os.path.abspath(out)}")
+    print(summary_text(cfg, out, facts, report, preview, time.time() - t0, status))
     return status
+
+
+def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: dict) -> tuple[str, int]:
+    """Train on the demo's clips, register and promote; returns (`models:/NAME@champion`, status)."""
+    from pipelines.promote import PromoteConfig, promote
+    from pipelines.train import TrainConfig, TrainRefused, run_train
+
+    print(f"[{k}/{stages}] matting train (cpu-small, {cfg.steps} steps, {cfg.workers} workers) "
+          f"-> models:/{cfg.model_name}@candidate")
+    train = TrainConfig(data=os.path.join(out, "clips"), preset="cpu-small", steps=cfg.steps,
+                        workers=cfg.workers, storage=os.path.join(out, "runs"), experiment="demo", run_name=f"demo-{cfg.steps}",
+                        register_as=cfg.model_name)
+    try:
+        result = run_train(train, out=sys.stdout)
+    except TrainRefused as exc:
+        print(f"matting demo: training refused: {exc}", file=sys.stderr)
+        return "", 1
+    if not result.registered:
+        print("matting demo: training registered no model", file=sys.stderr)
+        return "", 1
+    version = result.registered.rsplit("/", 1)[-1]
+    promote(PromoteConfig(name=cfg.model_name, version=version, alias="champion"))
+    facts.update(steps=result.steps, train_seconds=result.seconds, val=result.metrics, version=version,
+                 loss_png=plot_curve(_loss_history(result.run_id), os.path.join(out, "loss.png"),
+                                     f"training loss ({cfg.model_name} version {version})"))
+    print(f"[{k}/{stages}] promoted {cfg.model_name} version {version} to champion")
+    return f"models:/{cfg.model_name}@champion", 0
+
+
+def summary_text(cfg: DemoConfig, out: str, facts: dict, report: str, preview: str, seconds: float,
+                 status: int) -> str:
+    """The one-screen summary of a demo run."""
+    with open(report) as f:
+        methods = {m["name"]: m["overall"] for m in json.load(f)["methods"]}
+    model = methods.get("model", {})
+    baselines = {k: v for k, v in methods.items() if k != "model" and "mad" in v}
+    best = min(baselines, key=lambda k: baselines[k]["mad"]) if baselines else None
+    lines = [f"demo summary ({seconds:.0f} s, status {status}); outputs under {out}",
+             f"  data       {facts['clips']} fake-motion clips from {cfg.photos} procedural photos and "
+             f"{cfg.videos} background videos"]
+    if "steps" in facts:
+        val = facts["val"]
+        lines.append(f"  training   {facts['steps']} steps in {facts['train_seconds']:.0f} s; validation MAD "
+                     f"{val.get('val/mad', float('nan')):.1f}, dtSSD {val.get('val/dtssd', float('nan')):.2f}; "
+                     f"loss curve {facts['loss_png']}")
+        lines.append(f"  registry   models:/{cfg.model_name}/{facts['version']} (aliases candidate, champion)")
+    if model:
+        lines.append(f"  benchmark  {cfg.benchmark_clips} clips x {cfg.benchmark_frames} frames of {cfg.held_out} "
+                     f"held-out people: model MAD {model['mad']:.1f}, MSE {model['mse']:.1f}, "
+                     f"dtSSD {model['dtssd']:.2f}")
+    if best:
+        lines.append(f"             best prior-only baseline {best}: MAD {baselines[best]['mad']:.1f}")
+    lines.append(f"  report     {os.path.splitext(report)[0]}.html; preview {preview}")
+    return "\n".join(lines)
 
 
 EPILOG = """examples:
   matting demo
-  matting demo --out /tmp/demo --clips 200
-  matting demo --model checkpoints/model.pt
+  matting demo --out /tmp/demo --clips 200 --steps 600
+  matting demo --model checkpoints/model.pt     # skip training: matte with this model
 """
 
 
