@@ -217,7 +217,7 @@ def test_bad_inputs_are_refused_before_any_worker_starts(clips, tmp_path, case, 
         expect, message = 2, "smaller than the training crop 512x288"
     elif case == "tracking":
         args[-1] = "http://user:secret@127.0.0.1:9"
-        expect, message = 2, "tracking server http://user:***@127.0.0.1:9 is unreachable"
+        expect, message = 2, "tracking server http://***@127.0.0.1:9 is unreachable"
     elif case == "preset":
         args += ["--preset", "huge"]
         expect, message = 2, "unknown preset 'huge'"
