@@ -30,9 +30,10 @@ from matting_core import storage
 
 C = TypeVar("C")
 
-# the constrained types job configs declare their numeric fields with
+# first the constrained types job configs declare their numeric fields with
 __all__ = ["Annotated", "Interval", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt",
-           "ConfigError", "Flag", "option", "from_dict", "load", "apply_overrides", "is_job_spec", "to_dict", "require", "add_command", "from_args"]
+           "ConfigError", "Flag", "option", "from_dict", "load", "apply_overrides", "is_job_spec", "to_dict",
+           "require", "add_command", "from_args"]
 
 _DEST = "cfg:"  # argparse dests holding config values start with this, then the dotted key
 
@@ -192,7 +193,9 @@ def add_command(subparsers, name: str, cls: type, run: Callable[[argparse.Namesp
     p.add_argument("--config", metavar="FILE.yaml",
                    help=f"YAML file (local path or URI) with {cls.__name__} keys; flags override it")
     defaults, hints = cls(), typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    # the command's own fields first in --help, then those it shares through a base class
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if dataclasses.is_dataclass(hints[f.name]) or not f.metadata.get("cli", True):
             continue
         if "help" not in f.metadata:

@@ -179,8 +179,8 @@ def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: di
     print(f"[{k}/{stages}] matting train (cpu-small, {cfg.steps} steps, {cfg.workers} workers) "
           f"-> models:/{cfg.model_name}@candidate")
     train = TrainConfig(data=os.path.join(out, "clips"), preset="cpu-small", steps=cfg.steps,
-                        workers=cfg.workers, storage=os.path.join(out, "runs"), experiment="demo", run_name=f"demo-{cfg.steps}",
-                        register_as=cfg.model_name)
+                        workers=cfg.workers, storage=os.path.join(out, "runs"), experiment="demo",
+                        run_name=f"demo-{cfg.steps}", register_as=cfg.model_name)
     try:
         result = run_train(train, out=sys.stdout)
     except TrainRefused as exc:

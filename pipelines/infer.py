@@ -24,13 +24,14 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from matting_core import storage
 from matting_core.video.reader import VIDEO_EXTENSIONS
 from pipelines import config as cfglib
 from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
-from pipelines.config import Annotated, Interval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, option
+from pipelines.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, option
+from pipelines.matte import MattingOptions
 
 log = logging.getLogger("matting.infer")
 
@@ -40,8 +41,9 @@ COMPLETE = ("ok", "partial")
 
 
 @dataclass(frozen=True)
-class InferConfig:
-    """Configuration of `matting infer` (YAML keys = field names; CLI flags override)."""
+class InferConfig(MattingOptions):
+    """Configuration of `matting infer` (YAML keys = field names; CLI flags override); how frames
+    are matted is `matte`'s `MattingOptions`."""
 
     model: str = option("", "checkpoint path or URI, models:/NAME@ALIAS or models:/NAME/VERSION", metavar="REF")
     input: str = option("", "archive: a folder or prefix of videos and frame folders, or one video", metavar="URI")
@@ -57,21 +59,6 @@ class InferConfig:
     warmup_frames: NonNegativeInt = option(16, "frames before a segment matted (not written) to settle the "
                                                "recurrent state at the seam", metavar="N")
     extensions: tuple[str, ...] = option(VIDEO_EXTENSIONS, "video file extensions to matte", metavar="LIST")
-    prior: Literal["selfie", "deeplabv3", "none"] | None = option(
-        None, "person prior (unset: the one the checkpoint records)")
-    prior_weights: str | None = option(None, "prior weights: default, none or a PATH (unset: the checkpoint's)",
-                                       metavar="W")
-    smooth_prior: bool | None = option(None, "motion-compensated smoothing of the prior (unset: as the "
-                                             "checkpoint records)")
-    smooth_alpha: bool = option(False, "also smooth the output alpha along the motion")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "where each actor's network runs")
-    amp: bool = option(True, "mixed precision on CUDA")
-    alpha_bits: Literal[8, 16] = option(8, "bits of pha/*.png")
-    composite_bg: str = option("green", "COLOR|IMAGE|VIDEO behind composite.mp4", metavar="BG")
-    downsample_ratio: Annotated[float, Interval(gt=0.0, le=1.0)] | None = option(
-        None, "network input scale in (0,1] (unset: longer side at most --max-side)", metavar="R")
-    max_side: Annotated[int, Interval(ge=32)] = option(
-        512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
     run_id: str = option("", "name of this run's log OUT/_runs/<run-id>.jsonl (unset: time and a random suffix)",
                          metavar="ID")
     log_to_mlflow: bool = option(False, "record the batch run in MLflow (model, counts, throughput, run log)")

@@ -19,20 +19,14 @@ DEFAULT_FORMATS = ("pha", "fgr", "rgba.webm")
 
 
 @dataclass(frozen=True)
-class MatteConfig:
-    """Settings of one `matting matte` run (defaults < YAML file < flags).
+class MattingOptions:
+    """How frames are matted, for `matte` and `infer` alike: prior, smoothing, device, network input, alpha bits.
 
     `prior`, `prior_weights` and `smooth_prior` left unset use what the checkpoint records.
     `downsample_ratio` unset picks one per video so the network's input's longer side is at
-    most `max_side`. `fps` unset takes the video's (frame folders default to 25).
+    most `max_side`.
     """
 
-    video: str = option("", "video file or folder of numbered PNG/JPEG frames", metavar="VIDEO", positional=True)
-    out: str = option("", "output folder (or URI); results go to OUT/<video stem>/", metavar="OUT",
-                      flags=("-o", "--out"))
-    model: str = option("", "checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION", metavar="REF")
-    formats: tuple[str, ...] = option(DEFAULT_FORMATS, "comma-separated subset of pha,fgr,rgba.mov,rgba.webm,"
-                                                       "composite.mp4", metavar="LIST")
     prior: Literal["selfie", "deeplabv3", "none"] | None = option(
         None, "person prior (unset: the one the checkpoint records)")
     prior_weights: str | None = option(None, "prior weights: default, none or a PATH (unset: the checkpoint's)",
@@ -48,6 +42,19 @@ class MatteConfig:
         None, "network input scale in (0,1] (unset: longer side at most --max-side)", metavar="R")
     max_side: Annotated[int, Interval(ge=32)] = option(
         512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
+
+
+@dataclass(frozen=True)
+class MatteConfig(MattingOptions):
+    """Settings of one `matting matte` run (defaults < YAML file < flags); `fps` unset takes the video's
+    (frame folders default to 25)."""
+
+    video: str = option("", "video file or folder of numbered PNG/JPEG frames", metavar="VIDEO", positional=True)
+    out: str = option("", "output folder (or URI); results go to OUT/<video stem>/", metavar="OUT",
+                      flags=("-o", "--out"))
+    model: str = option("", "checkpoint path, models:/NAME@ALIAS or models:/NAME/VERSION", metavar="REF")
+    formats: tuple[str, ...] = option(DEFAULT_FORMATS, "comma-separated subset of pha,fgr,rgba.mov,rgba.webm,"
+                                                       "composite.mp4", metavar="LIST")
     fps: PositiveFloat | None = option(None, "frame rate of the outputs (unset: the video's; 25 for frame folders)",
                                metavar="FPS")
     threads: NonNegativeInt = option(0, "CPU threads for the network; 0: all", metavar="N")
@@ -158,8 +165,8 @@ def _build_matter(cfg: MatteConfig, device):
     return build_matter(load_model(cfg.model, device=str(device)), cfg, device)
 
 
-def build_matter(net, cfg, device):
-    """(`Matter` for `net` with the prior and options of `cfg` (a MatteConfig or InferConfig), the net's config)."""
+def build_matter(net, cfg: MattingOptions, device):
+    """(`Matter` for `net` with the prior and options of `cfg`, the net's config)."""
     from matting_core.inference.matter import Matter
     from matting_core.prior import prior_stream_from_spec
 

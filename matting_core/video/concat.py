@@ -14,7 +14,9 @@ __all__ = ["concat_videos"]
 
 
 def concat_videos(parts: Sequence[str], out_path: str) -> int:
-    """Write the video streams of `parts` (local files, in order) one after another to `out_path`; returns packets written.
+    """Write the video streams of `parts` (local files, in order) one after another to `out_path`.
+
+    Returns the number of packets written.
 
     Raises ValueError naming the part whose codec, size or time base differs from the first's.
     """
