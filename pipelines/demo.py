@@ -115,7 +115,10 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t0 = time.time()
     out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
+    refusal = _claim_output(out)
+    if refusal:
+        print(f"matting demo: {refusal}", file=sys.stderr)
+        return 2
     # The demo's own MLflow store (absolute: Ray workers log to it too), unless one is configured;
     # set in the environment because every stage (train, promote, infer) reads it from there.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(out, 'mlflow.db')}")
@@ -169,6 +172,32 @@ def run_demo(cfg: DemoConfig) -> int:
     status = max(statuses)  # 0 ok < 1 failed < 2 usage < 3 partial; 1 and 2 returned early
     print(summary_text(cfg, out, facts, report, preview, time.time() - t0, status))
     return status
+
+
+MARKER = ".matting-demo"
+# what a demo run makes under --out: a rerun starts afresh (its own registry included)
+_STAGES = ("sources", "clips", "runs", "benchmark", "mattes", "report", "mlflow.db", "mlartifacts",
+           "preview.png", "loss.png")
+
+
+def _claim_output(out: str) -> str | None:
+    """Make `out` the demo's: empty a previous demo's outputs; refuse (returns why) a folder of something else."""
+    import shutil
+
+    # a folder holding only what demos make (this one's, or the untrained checkpoint of older ones)
+    known = set(_STAGES) | {MARKER, "model-untrained.pt"}
+    if os.path.isdir(out) and not os.path.exists(os.path.join(out, MARKER)) and set(os.listdir(out)) - known:
+        return f"{out} is not empty and was not made by matting demo: choose another --out"
+    for name in (*_STAGES, "model-untrained.pt"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("made by matting demo: a rerun replaces what is here\n")
+    return None
 
 
 def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: dict) -> tuple[str, int]:

@@ -36,3 +36,10 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
         assert (out / name).stat().st_size > 0, name
     result = json.loads(next((out / "mattes").glob("*/result.json")).read_text())
     assert result["model"] == "models:/demo-matting/1" and result["model_version"] == "1"
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("not the demo's")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "was not made by matting demo" in capsys.readouterr().err
+    assert (tmp_path / "thesis.tex").read_text() == "not the demo's"
