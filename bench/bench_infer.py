@@ -38,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "videos"
-SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
 MATTING = Path(sys.executable).with_name("matting")  # the console script of this interpreter's environment
 FORMATS = "pha,rgba.webm"
 SMALL, HD = (512, 288), (1920, 1080)
 TARGET_RATIO = 0.85
 TARGET_MEM_FRACTION, TARGET_MEM_MB = 0.10, 100.0
+
+from bench.model_cache import ensure_model_cache  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,6 @@ def throughput_videos(quick: bool) -> list[VideoSpec]:
             VideoSpec("vtest", DATA / "backgrounds" / "vtest.avi", n[1], SMALL),
             VideoSpec("carphone", DATA / "people" / "carphone.mp4", n[2], SMALL),
             VideoSpec("street-hd", DATA / "people" / "street-two-people" / "frames", n[3], HD)]
-
-
-def _ensure_model_cache() -> None:
-    from matting_core.prior import SELFIE_MODEL_NAME, model_cache_dir
-
-    if (model_cache_dir() / SELFIE_MODEL_NAME).is_file():
-        return
-    if not SELFIE.is_file():
-        sys.exit(f"selfie model absent: run `matting fetch-models` (or provide {SELFIE})")
-    cache = Path(tempfile.mkdtemp(prefix="bench-models-"))
-    (cache / SELFIE_MODEL_NAME).symlink_to(SELFIE)
-    os.environ["MATTING_MODEL_CACHE"] = str(cache)  # inherited by the commands and their Ray workers
 
 
 def _pingpong(n: int, count: int) -> list[int]:
@@ -238,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         sys.exit(f"sample data absent: {missing}")
     lengths = [int(v) for v in (args.memory_lengths or ("100,300" if args.quick else "100,2000")).split(",")]
-    _ensure_model_cache()
+    ensure_model_cache()
     specs = throughput_videos(args.quick)
     print(f"cores {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}; formats {FORMATS}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as work:

@@ -34,24 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 STREET = SHARED / "data" / "videos" / "people" / "street-two-people" / "frames"
-SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.model_cache import ensure_model_cache  # noqa: E402
 from matting_core.runtime import GLIBC_TUNABLES as TUNABLES, GOMP_SPINCOUNT  # noqa: E402  (imports no torch)
-
-
-def _ensure_model_cache() -> None:
-    from matting_core.prior import SELFIE_MODEL_NAME, model_cache_dir
-
-    if (model_cache_dir() / SELFIE_MODEL_NAME).is_file():
-        return
-    if not SELFIE.is_file():
-        sys.exit(f"selfie model absent: run `matting fetch-models` (or provide {SELFIE})")
-    cache = Path(tempfile.mkdtemp(prefix="bench-models-"))
-    (cache / SELFIE_MODEL_NAME).symlink_to(SELFIE)
-    os.environ["MATTING_MODEL_CACHE"] = str(cache)
 
 
 def source_frames(count: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -187,7 +175,7 @@ def _rss_mb(field: str = "VmRSS") -> float:
 
 def memory_child(video: str, outdir: str, model: str | None) -> None:
     """Matte `video` to pha + rgba.webm and print peak and per-stage RSS as JSON (child process)."""
-    _ensure_model_cache()
+    ensure_model_cache()
     from matting_core.inference.matter import Matter
     from matting_core.inference.outputs import MatteOutputs
     from matting_core.video import iter_frames, probe
@@ -253,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.frames, args.hd_frames, args.memory_lengths = 60, 8, "100,300"
-    _ensure_model_cache()
+    ensure_model_cache()
     net = build_net(args.model)
     mem_w, mem_h = (int(v) for v in args.memory_size.split("x"))
     figures: dict = {"tunables": os.environ.get("GLIBC_TUNABLES") == TUNABLES,

@@ -73,38 +73,18 @@ def write_preview(clip_dir: str, matte_dir: str, out_png: str, index: int = 0) -
     return out_png
 
 
-def plot_curve(points: list[tuple[int, float]], out_png: str, title: str) -> str:
-    """A line plot of (step, value) points as a PNG (OpenCV only: no plotting library needed)."""
-    import cv2
-    import numpy as np
+def _loss_curve(run_id: str, out: str) -> str:
+    """The loss curve `matting train` logged with its run, copied to `out/loss.png`."""
+    import shutil
+    import tempfile
 
-    w, h, m = 640, 320, 48
-    img = np.full((h, w, 3), 255, np.uint8)
-    steps = np.array([p[0] for p in points], np.float64)
-    values = np.array([p[1] for p in points], np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    hi = hi if hi > lo else lo + 1.0
-    x = m + (steps - steps.min()) / max(1.0, steps.max() - steps.min()) * (w - 2 * m)
-    y = h - m - (values - lo) / (hi - lo) * (h - 2 * m)
-    cv2.rectangle(img, (m, m), (w - m, h - m), (200, 200, 200), 1)
-    cv2.polylines(img, [np.stack([x, y], 1).astype(np.int32)], False, (180, 90, 20), 2, cv2.LINE_AA)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(img, title, (m, 30), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, f"{hi:.3f}", (4, m + 4), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-    cv2.putText(img, f"{lo:.3f}", (4, h - m), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-    cv2.putText(img, f"step {int(steps.min())}", (m, h - 20), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-    cv2.putText(img, f"step {int(steps.max())}", (w - m - 70, h - 20), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-    cv2.imwrite(out_png, img)
-    return out_png
-
-
-def _loss_history(run_id: str) -> list[tuple[int, float]]:
     from mlflow.tracking import MlflowClient
 
     from pipelines.model_ref import tracking_uri
 
-    history = MlflowClient(tracking_uri()).get_metric_history(run_id, "train/loss")
-    return sorted((m.step, m.value) for m in history)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = MlflowClient(tracking_uri()).download_artifacts(run_id, "loss_curve.png", tmp)
+        return shutil.copy(local, os.path.join(out, "loss.png"))
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -221,8 +201,7 @@ def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: di
     version = result.registered.rsplit("/", 1)[-1]
     promote(PromoteConfig(name=cfg.model_name, version=version, alias="champion"))
     facts.update(steps=result.steps, train_seconds=result.seconds, val=result.metrics, version=version,
-                 loss_png=plot_curve(_loss_history(result.run_id), os.path.join(out, "loss.png"),
-                                     f"training loss ({cfg.model_name} version {version})"))
+                 loss_png=_loss_curve(result.run_id, out))
     print(f"[{k}/{stages}] promoted {cfg.model_name} version {version} to champion")
     return f"models:/{cfg.model_name}@champion", 0
 

@@ -107,10 +107,7 @@ class InferActor:
         tune_malloc()
         if self.device.type == "cpu":
             set_cpu_threads(max(1, int(self.cfg.cpus_per_actor)))
-        with tempfile.NamedTemporaryFile(suffix=".pt") as f:
-            f.write(ray.get(checkpoint[0]))
-            f.flush()
-            net = load_checkpoint(f.name)
+        net = load_checkpoint(self.cfg.model, data=ray.get(checkpoint[0]))
         from pipelines.matte import build_matter
 
         self.matter, self.model_config = build_matter(net, self.cfg, self.device)
@@ -160,11 +157,9 @@ def _assemble(key: str, segment_uris: list[str], out_dir: str, stem: str, format
               record: dict) -> dict:
     """Join a split video's segments and publish it (a Ray task); returns its status row."""
     from matting_core.inference.assemble import assemble_segments
-    from matting_core.inference.outputs import RESULT_FILE
 
     try:
-        where = assemble_segments(segment_uris, out_dir, stem, formats, record)
-        doc = json.loads(storage.read_bytes(storage.join(where, RESULT_FILE)))
+        _, doc = assemble_segments(segment_uris, out_dir, stem, formats, record)
     except Exception as exc:  # noqa: BLE001 - a failed join loses only this video
         return {"key": key, "status": "failed", "reason": f"cannot assemble the segments: {exc}"}
     _remove_empty_parents(segment_uris[0], stop=SEGMENTS_DIR)
@@ -215,22 +210,17 @@ def _load_model(cfg: InferConfig) -> tuple[str, str | None, bytes]:
 
     pinned, version = pin_model(cfg.model)
     data = checkpoint_bytes(pinned)
-    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
-        f.write(data)
-        f.flush()
-        load_checkpoint(f.name)
+    load_checkpoint(pinned, data=data)
     return pinned, version, data
 
 
-def run_infer(cfg: InferConfig, out=None) -> InferSummary:
+def run_infer(cfg: InferConfig) -> InferSummary:
     """Run the whole job; returns the summary (bad inputs are listed, never raised)."""
     from matting_core.inference.archive import discover_archive
     from matting_core.inference.outputs import parse_formats
-    from matting_core.inference.segments import plan_segments
     from matting_core.redaction import redact, redact_config
     from pipelines.model_ref import ModelRefError
 
-    out = out or sys.stdout
     cfglib.require(cfg, {"--model": "model", "--input": "input", "--out": "out"})
     try:
         cfg = dataclasses.replace(cfg, formats=parse_formats(cfg.formats))
@@ -262,14 +252,15 @@ def run_infer(cfg: InferConfig, out=None) -> InferSummary:
                             "run_id": run_id, "config": cfglib.to_dict(cfg)})
     counts = {"frames": 0}
     if todo:
-        _run_units(cfg, todo, checkpoint, record, entries, counts, plan_segments)
+        _run_units(cfg, todo, checkpoint, record, entries, counts)
     seconds = time.time() - started
-    return _finish(cfg, run_id, archive, entries, counts, seconds, pinned, version, out)
+    return _finish(cfg, run_id, archive, entries, counts, seconds, pinned, version)
 
 
-def _run_units(cfg, todo, checkpoint, record, entries, counts, plan_segments) -> None:
+def _run_units(cfg, todo, checkpoint, record, entries, counts) -> None:
     import ray
 
+    from matting_core.inference.segments import plan_segments
     from pipelines.progress import Progress
     from pipelines.ray_runtime import ensure_ray
 
@@ -365,7 +356,7 @@ def _show_progress(cfg: InferConfig) -> bool:
     return cfg.progress if cfg.progress is not None else sys.stderr.isatty()
 
 
-def _finish(cfg, run_id, archive, entries, counts, seconds, pinned, version, out) -> InferSummary:
+def _finish(cfg, run_id, archive, entries, counts, seconds, pinned, version) -> InferSummary:
     from matting_core.redaction import redact_config
 
     lines = [redact_config(e) for e in sorted(entries.values(), key=lambda e: e.get("key") or e["uri"])]

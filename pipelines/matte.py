@@ -8,7 +8,6 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from matting_core.redaction import redact_config
 from pipelines import config as cfglib
 from pipelines.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, UsageError
 from pipelines.config import Annotated, Interval, NonNegativeInt, PositiveFloat, option, to_dict
@@ -145,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     with outputs:
         result = matte_video(cfg.video, info, matter, outputs, progress=show,
-                             record=redact_config({"model": cfg.model, "model_config": model_config,
-                                                   "config": to_dict(cfg)}))
+                             record={"model": cfg.model, "model_config": model_config, "config": to_dict(cfg)})
     if result.status == "failed":
         print(f"matting matte: {cfg.video}: {result.reason}", file=sys.stderr)
         for err in result.errors:

@@ -11,10 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
-from infra.s3_local import free_port
+from infra.s3_local import free_port, weed_binary
 
 REPO = Path(__file__).resolve().parents[1]
 MATTING = str(Path(sys.executable).parent / "matting")
@@ -67,7 +66,7 @@ def _answers(url: str) -> bool:
 @pytest.mark.s3
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_s3_local_stops_its_weed_child_when_signalled(tmp_path, sig):
-    pytest.importorskip("infra.s3_local").weed_binary()  # FileNotFoundError fails loudly: the dev extra has it
+    weed_binary()  # FileNotFoundError fails loudly: the dev extra installs it
     port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "infra.s3_local", "--dir", str(tmp_path / "s3"), "--port", str(port)],

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 from dataclasses import dataclass, field
 
 from matting_core import storage
-from matting_core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from matting_core.video import VIDEO_EXTENSIONS, frame_number
 
 __all__ = ["ArchiveInput", "Archive", "discover_archive"]
 
-_NUMBERED = re.compile(r"^(?:.*?[^0-9])?\d+$")
 _SKIPPED_DIRS = ("_runs", "_segments")  # an archive matted into itself: never its own outputs
 
 
@@ -66,7 +64,7 @@ def discover_archive(root: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) 
         stem, ext = posixpath.splitext(rel)
         if ext.lower() in exts:
             _add(inputs, refused, uri, stem, "video")
-        elif ext.lower() in IMAGE_EXTENSIONS and _NUMBERED.match(posixpath.basename(stem)):
+        elif frame_number(posixpath.basename(rel)) is not None:
             folders.setdefault(posixpath.dirname(rel), []).append(uri)
         else:
             ignored.append(uri)

@@ -8,6 +8,7 @@ segment was encoded with the same settings and starts on a key frame.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -41,14 +42,14 @@ def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def assemble_segments(segment_uris: Sequence[str], out_dir: str, stem: str, formats: Sequence[str],
-                      record: dict[str, Any] | None = None) -> str:
-    """Join the published segment sets `segment_uris` (in order) into `out_dir/<stem>/`; returns its URI.
+                      record: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """Join the published segment sets `segment_uris` (in order) into `out_dir/<stem>/`.
+
+    Returns its URI and the result.json document published with it.
 
     The segment sets are removed once the whole set is published. `record` adds fields to the
     merged result.json (the run's model reference, ...).
     """
-    import json
-
     documents = [json.loads(storage.read_bytes(storage.join(u, RESULT_FILE))) for u in segment_uris]
     document = {**merge_results(documents), **(record or {})}
     final_uri = storage.join(out_dir, stem)
@@ -72,7 +73,7 @@ def assemble_segments(segment_uris: Sequence[str], out_dir: str, stem: str, form
         raise
     for uri in segment_uris:
         storage.remove(uri, recursive=True)
-    return final_uri
+    return final_uri, document
 
 
 def _local_copy(uri: str, path: str) -> str:

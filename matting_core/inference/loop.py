@@ -22,14 +22,11 @@ from matting_core.inference.matter import Matter
 from matting_core.inference.segments import Segment
 from matting_core.inference.outputs import MatteOutputs
 from matting_core.redaction import redact, redact_config
-from matting_core.video import VideoInfo, iter_frames, prefetch
+from matting_core.video import COUNT_TOLERANCE, VideoInfo, iter_frames, prefetch
 
 __all__ = ["VideoResult", "matte_video", "fit_frame"]
 
 log = logging.getLogger(__name__)
-
-# A decoder may legitimately emit a frame or two fewer than the container declares.
-TRUNCATION_TOLERANCE = 2
 
 
 @dataclass
@@ -155,7 +152,7 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
 
 def _note_truncation(info: VideoInfo, result: VideoResult) -> None:
     """A video that decodes fewer frames than its container declares lost the rest: say so (partial)."""
-    if info.kind == "video" and info.declared_frames > info.frames + TRUNCATION_TOLERANCE:
+    if info.kind == "video" and info.declared_frames > info.frames + COUNT_TOLERANCE:
         missing = list(range(info.frames, info.declared_frames))
         result.errors.append({"index": info.frames, "message": f"truncated: declares {info.declared_frames} frames "
                                                                f"but only {info.frames} decode"})

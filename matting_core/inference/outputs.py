@@ -90,9 +90,7 @@ def _abandoned(folder: str, now: float) -> bool:
         with open(os.path.join(folder, OWNER_FILE)) as f:
             owner = json.load(f)
         host, pid = owner["host"], int(owner["pid"])
-    except FileNotFoundError:
-        return now - _last_change(folder) > UNOWNED_MAX_AGE_S
-    except (OSError, ValueError, KeyError, TypeError):  # unreadable owner: judged like no owner
+    except (OSError, ValueError, KeyError, TypeError):  # no owner file, or an unreadable one
         return now - _last_change(folder) > UNOWNED_MAX_AGE_S
     # Another host's pid says nothing about its run (a shared folder): never provably abandoned.
     return host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
@@ -235,7 +233,7 @@ class MatteOutputs:
                  size: tuple[int, int], alpha_bits: int = 8, composite_bg: str = "green",
                  background: bool = False, queue_size: int = 4, encoder_threads: int = 0):
         self.formats = parse_formats(formats)
-        self.out_dir, self.stem = out_dir, check_stem(stem)
+        self.out_dir, self.stem = out_dir, stem
         self.fps, self.background = fps, bool(background)
         self.final_uri = storage.join(out_dir, stem)
         self.tmp = make_temporary(out_dir, stem)

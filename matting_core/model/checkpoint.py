@@ -64,10 +64,14 @@ def save_checkpoint(net: MattingNet, path: str, extra: Optional[Dict[str, Any]] 
     storage.write_bytes_atomic(path, buffer.getvalue())
 
 
-def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """The checkpoint at `path` as `{"config": dict, "state_dict": ..., "extra": dict}`."""
+def read_checkpoint(path: str, map_location: Any = "cpu", data: bytes | None = None) -> Dict[str, Any]:
+    """The checkpoint at `path` as `{"config": dict, "state_dict": ..., "extra": dict}`.
+
+    With `data`, the checkpoint's bytes already read (shared between processes): `path` then only
+    names it in messages.
+    """
     try:
-        data = storage.read_bytes(path)
+        data = storage.read_bytes(path) if data is None else data
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {path}: no such file") from exc
     except OSError as exc:
@@ -89,9 +93,12 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     return {"config": config, "state_dict": payload.get("state_dict", {}), "extra": dict(payload.get("extra") or {})}
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> MattingNet:
-    """Rebuild the `MattingNet` saved at `path` (in eval mode); its `extra` is on `net.checkpoint_extra`."""
-    ckpt = read_checkpoint(path, map_location)
+def load_checkpoint(path: str, map_location: Any = "cpu", data: bytes | None = None) -> MattingNet:
+    """Rebuild the `MattingNet` saved at `path` (or in `data`, see `read_checkpoint`), in eval mode.
+
+    Its `extra` is on `net.checkpoint_extra`.
+    """
+    ckpt = read_checkpoint(path, map_location, data)
     config = dict(ckpt["config"])
     config.setdefault("arch", 1)  # written before architecture versions existed
     config.setdefault("prior_calibration", 0)  # written before the calibration existed

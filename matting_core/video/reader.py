@@ -24,14 +24,14 @@ from matting_core.runtime import lower_thread_priority
 from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
-           "frame_files", "numbered_frame_files", "numbering_gaps", "decode_image", "prefetch",
-           "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
+           "frame_files", "numbered_frame_files", "numbering_gaps", "frame_number", "COUNT_TOLERANCE",
+           "decode_image", "prefetch", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _NUMBERED = re.compile(r"^(?:.*?[^0-9])?(\d+)$")
 # A decoder may legitimately emit a frame or two fewer than the container declares.
-_COUNT_TOLERANCE = 2
+COUNT_TOLERANCE = 2
 
 ErrorCallback = Callable[[int, str], None]
 
@@ -120,12 +120,18 @@ def numbered_frame_files(uri: str) -> list[tuple[int, str]]:
     numbered = []
     for name in names:
         base = os.path.basename(name.rstrip("/"))
-        stem, ext = os.path.splitext(base)
-        m = _NUMBERED.match(stem)
-        if ext.lower() in IMAGE_EXTENSIONS and m:
-            numbered.append((int(m.group(1)), storage.join(uri, base)))
+        number = frame_number(base)
+        if number is not None:
+            numbered.append((number, storage.join(uri, base)))
     numbered.sort()
     return numbered
+
+
+def frame_number(name: str) -> int | None:
+    """The frame number of a PNG/JPEG file name (`0007.png`, `frame12.jpg`), or None when it is not a numbered frame."""
+    stem, ext = os.path.splitext(name)
+    m = _NUMBERED.match(stem)
+    return int(m.group(1)) if m and ext.lower() in IMAGE_EXTENSIONS else None
 
 
 def is_frame_folder(uri: str) -> bool:
@@ -196,7 +202,7 @@ def probe(uri: str, strict: bool = True) -> VideoInfo:
                 pts.append(frame.pts if frame.pts is not None else len(pts))
     if not pts:
         raise VideoError(uri, "decodes no frames")
-    if strict and declared and len(pts) + _COUNT_TOLERANCE < declared:
+    if strict and declared and len(pts) + COUNT_TOLERANCE < declared:
         raise VideoError(uri, f"truncated: declares {declared} frames but only {len(pts)} decode")
     return VideoInfo(uri, width, height, fps, declared, len(pts), "video", tuple(pts), tuple(range(len(pts))))
 
