@@ -24,6 +24,8 @@ class MattingOptions:
     `prior`, `prior_weights` and `smooth_prior` left unset use what the checkpoint records.
     `downsample_ratio` unset picks one per video so the network's input's longer side is at
     most `max_side`.
+    `frames_per_call` and `prior_ahead` unset take the device's defaults (`Matter`): batched with
+    the prior ahead in a thread on CUDA, the streaming path on the CPU.
     """
 
     prior: Literal["selfie", "deeplabv3", "none"] | None = option(
@@ -41,6 +43,10 @@ class MattingOptions:
         None, "network input scale in (0,1] (unset: longer side at most --max-side)", metavar="R")
     max_side: Annotated[int, Interval(ge=32)] = option(
         512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
+    frames_per_call: Annotated[int, Interval(ge=1, le=64)] | None = option(
+        None, "frames per network call, 1 to 64 (unset: 4 on CUDA, 1 on the CPU)", metavar="T")
+    prior_ahead: bool | None = option(None, "compute the prior and its smoothing in a thread ahead of the network "
+                                            "(unset: on with CUDA, off on the CPU)")
 
 
 @dataclass(frozen=True)
@@ -172,5 +178,6 @@ def build_matter(net, cfg: MattingOptions, device):
     stream = prior_stream_from_spec(config.get("prior"), backend=cfg.prior, weights=cfg.prior_weights,
                                     smooth=cfg.smooth_prior, device=device)
     matter = Matter(net, stream, device=device, amp=cfg.amp, downsample_ratio=cfg.downsample_ratio,
-                    max_side=cfg.max_side, smooth_alpha=cfg.smooth_alpha)
+                    max_side=cfg.max_side, smooth_alpha=cfg.smooth_alpha,
+                    frames_per_call=cfg.frames_per_call, prior_ahead=cfg.prior_ahead)
     return matter, config

@@ -27,6 +27,8 @@ CASES = [
     (MATTE + ["--downsample-ratio", "1.5"], "--downsample-ratio"),
     (MATTE + ["--max-side", "4"], "--max-side"),
     (MATTE + ["--threads", "-1"], "--threads"),
+    (MATTE + ["--frames-per-call", "0"], "--frames-per-call"),
+    (MATTE + ["--frames-per-call", "65"], "--frames-per-call"),
     (["train", "--data", "d", "--workers", "0"], "--workers"),
     (["train", "--data", "d", "--steps", "0"], "--steps"),
     (["train", "--data", "d", "--cpus-per-worker", "0"], "--cpus-per-worker"),

@@ -1,19 +1,22 @@
 """The per-video loop `matting matte` and `matting infer` share: decode -> Matter -> outputs -> result.json.
 
-Frames are decoded one to three ahead in a thread and keep their source numbers (a frame
-folder's file numbers, a video's decoded indices) in the outputs' names; gaps in the numbering
-are listed in `result.json`. A corrupt frame is reported by its source number and skipped; a
-frame of another size than the stream's first is resized to it and reported (it is delivered).
-The outputs are published with `result.json` only when every frame that could be read is
-written, and nothing is published when no frame could be.
+Frames are decoded one to three ahead in a thread, matted by `Matter.run` (on CUDA several per
+network call, the prior computed ahead in a thread of its own: see `Matter`), and keep their
+source numbers (a frame folder's file numbers, a video's decoded indices) in the outputs'
+names; gaps in the numbering are listed in `result.json`. A corrupt frame is reported by its
+source number and skipped; a frame of another size than the stream's first is resized to it and
+reported (it is delivered). The outputs are published with `result.json` only when every frame
+that could be read is written, and nothing is published when no frame could be.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -115,15 +118,18 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
     bar = tqdm(total=total, unit="frame", desc=outputs.stem, disable=not progress, dynamic_ncols=True)
     decode_s = encode_s = 0.0
     written = 0
-    start = time.perf_counter()
-    matter.reset()
-    try:
+    numbers_in_flight: collections.deque[int] = collections.deque()  # source numbers of the frames Matter holds
+
+    def source() -> Iterator[np.ndarray]:
+        # Read by Matter.run: in its prior thread when it computes priors ahead, so "decode" is
+        # then the time that thread waited for decoded frames.
+        nonlocal decode_s
         while True:
             t0 = time.perf_counter()
             item = next(frames, None)
             decode_s += time.perf_counter() - t0
             if item is None:
-                break
+                return
             index, frame = item  # the source number: the outputs' file names keep it
             if frame.shape[:2] != (info.height, info.width):
                 if index >= first_written:
@@ -131,14 +137,22 @@ def _matte_frames(video: str, info: VideoInfo, matter: Matter, outputs: MatteOut
                 log.warning("%s: frame %d is %dx%d, resized to the stream's %dx%d", video, index,
                             frame.shape[1], frame.shape[0], info.width, info.height)
                 frame = fit_frame(frame, (info.width, info.height))
-            res = matter.step(frame)
-            if index < first_written:  # warm-up before a segment: settles the state, written by the one before
-                continue
-            t0 = time.perf_counter()
-            outputs.write(index, res.pha, res.fgr)
-            encode_s += time.perf_counter() - t0
-            written += 1
-            bar.update(1)
+            numbers_in_flight.append(index)
+            yield frame
+
+    start = time.perf_counter()
+    try:
+        # closing: a failure here stops Matter's prior thread before the next video starts one
+        with contextlib.closing(matter.run(source())) as results:
+            for res in results:  # one per frame read, in order
+                index = numbers_in_flight.popleft()
+                if index < first_written:  # warm-up before a segment: settles the state, written by the one before
+                    continue
+                t0 = time.perf_counter()
+                outputs.write(index, res.pha, res.fgr)
+                encode_s += time.perf_counter() - t0
+                written += 1
+                bar.update(1)
         t0 = time.perf_counter()
         outputs.finish()
         encode_s += time.perf_counter() - t0

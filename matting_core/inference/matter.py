@@ -1,14 +1,21 @@
-"""Streaming matting of one video: prior -> motion-compensated smoothing -> network, frame by frame.
+"""Streaming matting of one video: prior -> motion-compensated smoothing -> network.
 
 `Matter` keeps everything a video needs between frames (the network's recurrent state, the prior
 stream's smoothing history, the optional alpha smoother) and nothing else, so memory stays
-constant whatever the video's length: frames are consumed from an iterator and each result is
-yielded before the next frame is read. One frame per network call: on these CPUs batching frames
-over time was slower per frame (STACK.md); `reset()` starts the next video.
+bounded whatever the video's length: frames are consumed from an iterator and results are
+yielded as they come. `step(frame)` mattes one frame; `run(frames)` mattes a video lazily and can
+send `frames_per_call` frames through the network at once (`[1,T,3,H,W]`, the recurrent state
+carried from call to call) and compute the prior stream in a thread ahead of the network. On
+CUDA both are on by default, so the accelerator is not left waiting for the CPU's prior and
+flow; on the CPU the default is one frame per call in the caller's thread: batching frames over
+time was slower per frame there (STACK.md), and a prior thread would take cores from the
+network's own threads. `reset()` starts the next video.
 """
 from __future__ import annotations
 
 import copy
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -17,13 +24,17 @@ import cv2
 import numpy as np
 import torch
 
-from matting_core.flow import TemporalSmoother
+from matting_core.flow import TemporalSmoother, Track
 from matting_core.model import MattingNet
 from matting_core.model.optimize import optimize_for_inference
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
 from matting_core.runtime import resolve_device
 
-__all__ = ["MatteFrame", "Matter", "StageTimer", "auto_downsample_ratio"]
+__all__ = ["MatteFrame", "Matter", "StageTimer", "auto_downsample_ratio", "CUDA_FRAMES_PER_CALL"]
+
+# Frames per network call on CUDA when unset. Not measured (no GPU in these sessions): a few frames
+# per call amortise the per-call launches and transfers while memory and latency stay small.
+CUDA_FRAMES_PER_CALL = 4
 
 
 @dataclass
@@ -42,17 +53,21 @@ class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.frames = 0
+        self._lock = threading.Lock()  # the prior thread and the network's add to it at once
 
     def add(self, stage: str, seconds: float) -> None:
         """Add `seconds` to `stage`."""
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe totals and per-frame milliseconds for result.json."""
         n = max(self.frames, 1)
+        with self._lock:
+            seconds = dict(self.seconds)
         return {"frames": self.frames,
-                "total_s": {k: round(v, 4) for k, v in self.seconds.items()},
-                "ms_per_frame": {k: round(1e3 * v / n, 3) for k, v in self.seconds.items()}}
+                "total_s": {k: round(v, 4) for k, v in seconds.items()},
+                "ms_per_frame": {k: round(1e3 * v / n, 3) for k, v in seconds.items()}}
 
 
 class _TimedPrior(Prior):
@@ -73,17 +88,39 @@ class _TimedPrior(Prior):
         return out
 
 
+@dataclass
+class _Prepared:
+    """A frame with its prior, ready for the network; `fresh`: it starts a stream (new video or size)."""
+
+    frame: np.ndarray  # uint8 [H,W,3]
+    prior: np.ndarray  # float32 [H,W]
+    ratio: float
+    fresh: bool
+    track: Track | None  # the prior stream's motion at the frame's size, for the alpha smoother
+
+
+class _Failed:
+    """An exception raised in the prior thread, carried to the caller's."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
 def auto_downsample_ratio(height: int, width: int, max_side: int = 512) -> float:
     """Ratio at which the network sees a frame whose longer side is at most `max_side` (1 for small frames)."""
     return min(1.0, max_side / max(height, width))
 
 
 class Matter:
-    """Mattes a video frame by frame with a MattingNet and a prior stream, in constant memory.
+    """Mattes a video with a MattingNet and a prior stream, in bounded memory.
 
     Nothing it is given changes: the network is copied (to `device`, eval mode, no gradients,
     inference-optimised), the prior stream's smoothing history is its own, and process-wide
     settings (thread counts) are left to the caller (`matting_core.runtime.set_cpu_threads`).
+    One video at a time: `step` and a running `run` share the same state.
 
     Args:
         net: a `matting_core.model.MattingNet` (or any module with its forward signature).
@@ -100,17 +137,30 @@ class Matter:
             stream (prior and motion-compensated smoothing) on the frame scaled to the network's
             working size too, and upsample its map: the network sees the prior at that size
             anyway, and smoothing full-resolution maps was a sixth of the time at 1080p.
+        frames_per_call: frames `run` sends through the network in one `[1,T,3,H,W]` call (the
+            last call of a video may be shorter); None: `CUDA_FRAMES_PER_CALL` on CUDA, 1 on the
+            CPU. The results equal one-frame calls' (within a few 1e-6 in float32).
+        prior_ahead: `run` computes the prior stream in a thread, up to `frames_per_call` frames
+            ahead of the network; None: on with CUDA, off on the CPU.
     """
 
     def __init__(self, net: torch.nn.Module, prior: PriorStream | None = None, device: Any = "auto",
                  amp: bool = True, downsample_ratio: float | None = None, max_side: int = 512,
                  smooth_alpha: bool = False, alpha_smoother: dict[str, Any] | None = None,
-                 prior_at_work_size: bool = True):
+                 prior_at_work_size: bool = True, frames_per_call: int | None = None,
+                 prior_ahead: bool | None = None):
         self.device = resolve_device(device)
         if downsample_ratio is not None and not 0.0 < downsample_ratio <= 1.0:
             raise ValueError(f"downsample_ratio must be in (0, 1], got {downsample_ratio}")
+        cuda = self.device.type == "cuda"
+        if frames_per_call is None:
+            frames_per_call = CUDA_FRAMES_PER_CALL if cuda else 1
+        if int(frames_per_call) != frames_per_call or frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be a positive integer, got {frames_per_call}")
+        self.frames_per_call = int(frames_per_call)
+        self.prior_ahead = cuda if prior_ahead is None else bool(prior_ahead)
         self.net = _inference_copy(net, self.device)
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp = bool(amp) and cuda
         self.fixed_ratio = downsample_ratio
         self.max_side = int(max_side)
         self.prior_at_work_size = bool(prior_at_work_size)
@@ -128,10 +178,11 @@ class Matter:
 
     @property
     def spec(self) -> dict[str, Any]:
-        """JSON-safe settings for result.json: device, precision, ratio, prior stream, alpha smoothing."""
+        """JSON-safe settings for result.json: device, precision, ratio, batching, prior stream, alpha smoothing."""
         return {"device": str(self.device), "amp": self.amp,
                 "downsample_ratio": self.ratio if self.ratio is not None else self.fixed_ratio,
                 "max_side": self.max_side, "prior_size": list(self._prior_size) if self._prior_size else None,
+                "frames_per_call": self.frames_per_call, "prior_ahead": self.prior_ahead,
                 "prior_stream": self.prior_stream.spec,
                 "alpha_smoother": self.alpha_smoother.spec if self.alpha_smoother else None}
 
@@ -153,15 +204,51 @@ class Matter:
 
     def step(self, frame: np.ndarray) -> MatteFrame:
         """Matte the next frame of the video: uint8 [H,W,3] RGB -> MatteFrame."""
+        return self._finish([self._prepare(frame)])[0]
+
+    def run(self, frames: Iterable[np.ndarray]) -> Iterator[MatteFrame]:
+        """Matte a whole video lazily: one MatteFrame per input frame (uint8 [H,W,3] RGB), in order.
+
+        At most `frames_per_call` frames wait for the network (twice that, plus the one being
+        prepared, with `prior_ahead`). An exception from `frames` or the prior stream comes out
+        after the results of the frames before it. Closing the iterator early stops and joins
+        the prior thread (once the frame it is preparing, or the next read of `frames`, is done).
+        """
+        self.reset()
+        prepared = self._ahead(frames) if self.prior_ahead else (self._prepare(f) for f in frames)
+        try:
+            batch: list[_Prepared] = []
+            while True:
+                try:
+                    item = next(prepared)
+                except StopIteration:
+                    break
+                except Exception:
+                    yield from self._finish(batch)  # the frames read before the failure are matted
+                    raise
+                if item.fresh and batch:  # a new size starts a new recurrent state: not in one call
+                    yield from self._finish(batch)
+                    batch = []
+                batch.append(item)
+                if len(batch) == self.frames_per_call:
+                    yield from self._finish(batch)
+                    batch = []
+            yield from self._finish(batch)
+        finally:
+            prepared.close()
+
+    def _prepare(self, frame: np.ndarray) -> _Prepared:
+        """The prior stream's side of a frame: size bookkeeping, prior and smoothing, timed."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"expected a uint8 [H,W,3] RGB frame, got {frame.dtype} {frame.shape}")
         size = frame.shape[:2]
-        if self._size is not None and size != self._size:
-            # The recurrent state and the histories are tied to one frame size.
-            self.reset()
-        if self._size is None:
-            self._size = size
-            if self.fixed_ratio is None:
+        fresh = size != self._size
+        if fresh:
+            # The smoothing history (and, in _finish, the recurrent state) is tied to one frame size.
+            self.prior_stream.reset()
+            self._size, self._prior_size = size, None
+            self.ratio = self.fixed_ratio
+            if self.ratio is None:
                 self.ratio = auto_downsample_ratio(*size, self.max_side)
             if self.prior_at_work_size and self.ratio < 1.0:
                 # The size the network's own downsampling gives (MattingNet._work_size).
@@ -175,39 +262,91 @@ class Matter:
         else:
             small = cv2.resize(frame, self._prior_size, interpolation=cv2.INTER_AREA)
             prior = cv2.resize(self.prior_stream(small), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-        t1 = time.perf_counter()
-        timer.add("smoothing", (t1 - t0) - (timer.seconds.get("prior", 0.0) - prior_before))
-        pha, fgr = self._net(frame, prior)
-        t2 = time.perf_counter()
-        timer.add("net", t2 - t1)
-        if self.alpha_smoother is not None:
+        timer.add("smoothing", (time.perf_counter() - t0) - (timer.seconds.get("prior", 0.0) - prior_before))
+        track = None
+        if self.alpha_smoother is not None and self._prior_size is None:  # motion at the alpha's size to reuse
             track = getattr(self.prior_stream.smoother, "last_track", None)
-            if track is None or self._prior_size is not None:  # no motion at the alpha's size to reuse
-                pha = self.alpha_smoother(frame, pha)
-            else:
-                pha = self.alpha_smoother.update(track, pha)
-            timer.add("alpha_smoothing", time.perf_counter() - t2)
-        timer.frames += 1
-        result = MatteFrame(self.index, pha, fgr, prior)
-        self.index += 1
-        return result
+        return _Prepared(frame, prior, self.ratio, fresh, track)
+
+    def _finish(self, batch: list[_Prepared]) -> list[MatteFrame]:
+        """The network's side of consecutive prepared frames of one size: one call, then alpha smoothing, in order."""
+        if not batch:
+            return []
+        if batch[0].fresh:
+            self._state, self.index = None, 0
+            if self.alpha_smoother is not None:
+                self.alpha_smoother.reset()
+        timer = self.timer
+        t0 = time.perf_counter()
+        phas, fgrs = self._net([b.frame for b in batch], [b.prior for b in batch], batch[0].ratio)
+        timer.add("net", time.perf_counter() - t0)
+        results = []
+        for item, pha, fgr in zip(batch, phas, fgrs):
+            if self.alpha_smoother is not None:
+                t1 = time.perf_counter()
+                if item.track is None:
+                    pha = self.alpha_smoother(item.frame, pha)
+                else:
+                    pha = self.alpha_smoother.update(item.track, pha)
+                timer.add("alpha_smoothing", time.perf_counter() - t1)
+            timer.frames += 1
+            results.append(MatteFrame(self.index, pha, fgr, item.prior))
+            self.index += 1
+        return results
 
     @torch.inference_mode()
-    def _net(self, frame: np.ndarray, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _net(self, frames: list[np.ndarray], priors: list[np.ndarray], ratio: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """T frames uint8 [H,W,3] and priors [H,W] -> alpha float32 [T,H,W], foreground uint8 [T,H,W,3]."""
         dev = self.device
-        src = torch.from_numpy(frame).to(dev).permute(2, 0, 1)[None].float().div_(255)  # [1,3,H,W]
-        pri = torch.from_numpy(np.ascontiguousarray(prior, dtype=np.float32)).to(dev)[None, None]  # [1,1,H,W]
+        src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
+        pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]
+        if len(frames) == 1:  # the one-frame form, as a streaming net (or an exported one) expects
+            src, pri = src[:, 0], pri[:, 0]  # [1,3,H,W], [1,1,H,W]
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
-            pha, fgr, self._state = self.net(src, pri, self._state, downsample_ratio=self.ratio)
-        pha = pha.reshape(pha.shape[-2:]).float().clamp_(0, 1)  # [H,W]
-        fgr = fgr.reshape(fgr.shape[-3:]).float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-        return (pha.cpu().numpy(), fgr.permute(1, 2, 0).contiguous().cpu().numpy())
+            pha, fgr, self._state = self.net(src, pri, self._state, downsample_ratio=ratio)
+        pha = pha.reshape(-1, *pha.shape[-2:]).float().clamp_(0, 1)  # [T,H,W]
+        fgr = fgr.reshape(-1, *fgr.shape[-3:]).float().clamp_(0, 1).mul_(255).round_().to(torch.uint8)  # [T,3,H,W]
+        return pha.cpu().numpy(), fgr.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
-    def run(self, frames: Iterable[np.ndarray]) -> Iterator[MatteFrame]:
-        """Matte a whole video lazily: one MatteFrame per input frame, holding no past frames."""
-        self.reset()
-        for frame in frames:
-            yield self.step(frame)
+    def _ahead(self, frames: Iterable[np.ndarray]) -> Iterator[_Prepared]:
+        """`_prepare` of each frame, run in a thread up to `frames_per_call` frames ahead of the caller."""
+        ready: queue.Queue = queue.Queue(maxsize=self.frames_per_call)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            # A bounded wait, so a closed consumer (that reads no more) never leaves the thread blocked.
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            # At normal priority, unlike the decoder and writers: the network waits for these priors.
+            try:
+                for frame in frames:
+                    if stop.is_set() or not put(self._prepare(frame)):
+                        return
+                put(_END)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                put(_Failed(exc))
+
+        thread = threading.Thread(target=work, name="matte-prior", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failed):
+                    raise item.exc
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 def _inference_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
