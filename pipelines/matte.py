@@ -23,7 +23,8 @@ class MattingOptions:
 
     `prior`, `prior_weights` and `smooth_prior` left unset use what the checkpoint records.
     `downsample_ratio` unset picks one per video so the network's input's longer side is at
-    most `max_side`.
+    most `max_side` (unset: the side the model was trained at, so people are as many pixels tall
+    as the ones it learned on; 512 for models that do not record it).
     `frames_per_call` and `prior_ahead` unset take the device's defaults (`Matter`): batched with
     the prior ahead in a thread on CUDA, the streaming path on the CPU.
     """
@@ -41,8 +42,9 @@ class MattingOptions:
     composite_bg: str = option("green", "COLOR|IMAGE|VIDEO behind composite.mp4", metavar="BG")
     downsample_ratio: Annotated[float, Interval(gt=0.0, le=1.0)] | None = option(
         None, "network input scale in (0,1] (unset: longer side at most --max-side)", metavar="R")
-    max_side: Annotated[int, Interval(ge=32)] = option(
-        512, "longer side of the network input when --downsample-ratio is unset", metavar="PX")
+    max_side: Annotated[int, Interval(ge=32)] | None = option(
+        None, "longer side of the network input when --downsample-ratio is unset (unset: the side the "
+              "model was trained at, else 512)", metavar="PX")
     frames_per_call: Annotated[int, Interval(ge=1, le=64)] | None = option(
         None, "frames per network call, 1 to 64 (unset: 4 on CUDA, 1 on the CPU)", metavar="T")
     prior_ahead: bool | None = option(None, "compute the prior and its smoothing in a thread ahead of the network "

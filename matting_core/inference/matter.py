@@ -30,7 +30,8 @@ from matting_core.model.optimize import optimize_for_inference
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
 from matting_core.runtime import resolve_device
 
-__all__ = ["MatteFrame", "Matter", "StageTimer", "auto_downsample_ratio", "CUDA_FRAMES_PER_CALL"]
+__all__ = ["MatteFrame", "Matter", "StageTimer", "auto_downsample_ratio", "CUDA_FRAMES_PER_CALL",
+           "DEFAULT_MAX_SIDE"]
 
 # Frames per network call on CUDA when unset. Not measured (no GPU in these sessions): a few frames
 # per call amortise the per-call launches and transfers while memory and latency stay small.
@@ -109,7 +110,11 @@ class _Failed:
 _END = object()
 
 
-def auto_downsample_ratio(height: int, width: int, max_side: int = 512) -> float:
+# The network's input side for models that do not record the side they were trained at.
+DEFAULT_MAX_SIDE = 512
+
+
+def auto_downsample_ratio(height: int, width: int, max_side: int = DEFAULT_MAX_SIDE) -> float:
     """Ratio at which the network sees a frame whose longer side is at most `max_side` (1 for small frames)."""
     return min(1.0, max_side / max(height, width))
 
@@ -130,7 +135,8 @@ class Matter:
         amp: float16 autocast on CUDA (ignored on CPU).
         downsample_ratio: the network's input scale; None picks `auto_downsample_ratio(max_side)`
             per video from the first frame's size.
-        max_side: longer side of the network's input when the ratio is automatic.
+        max_side: longer side of the network's input when the ratio is automatic; None: the side
+            the network was trained at (`net.config["work_side"]`), else `DEFAULT_MAX_SIDE`.
         smooth_alpha: also smooth the output alpha with the prior stream's motion (no extra flow).
         alpha_smoother: settings for the alpha smoother (TemporalSmoother keyword arguments).
         prior_at_work_size: when the network runs below the frame's resolution, run the prior
@@ -145,7 +151,7 @@ class Matter:
     """
 
     def __init__(self, net: torch.nn.Module, prior: PriorStream | None = None, device: Any = "auto",
-                 amp: bool = True, downsample_ratio: float | None = None, max_side: int = 512,
+                 amp: bool = True, downsample_ratio: float | None = None, max_side: int | None = None,
                  smooth_alpha: bool = False, alpha_smoother: dict[str, Any] | None = None,
                  prior_at_work_size: bool = True, frames_per_call: int | None = None,
                  prior_ahead: bool | None = None):
@@ -162,6 +168,8 @@ class Matter:
         self.net = _inference_copy(net, self.device)
         self.amp = bool(amp) and cuda
         self.fixed_ratio = downsample_ratio
+        if max_side is None:
+            max_side = (getattr(net, "config", None) or {}).get("work_side") or DEFAULT_MAX_SIDE
         self.max_side = int(max_side)
         self.prior_at_work_size = bool(prior_at_work_size)
         self.timer = StageTimer()

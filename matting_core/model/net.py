@@ -67,6 +67,10 @@ class MattingNet(nn.Module):
         arch: architecture version, 1 or 2 (see above).
         prior_calibration: knots of the `PriorCalibration` table (0: none, the residual is added
             to the raw prior; checkpoints written before it existed load with 0).
+        work_side: longer side of the frames the network was trained on (None: not recorded).
+            Convolutions are not scale-invariant: `Matter` runs the network at this scale by
+            default (its input downsampled, the output upsampled by the guided refiner), so a
+            person at inference is as many pixels tall as the people it learned on.
 
     Shapes: `src` `[B,T,3,H,W]` (or `[B,3,H,W]`), `prior` `[B,T,1,H,W]` (or `[B,1,H,W]`), values in
     [0,1], any H and W. Returns `pha` `[B,T,1,H,W]` and `fgr` `[B,T,3,H,W]` in [0,1] (4-D for 4-D
@@ -84,7 +88,8 @@ class MattingNet(nn.Module):
                  refine_eps: float = 1e-5,
                  prior: Optional[Dict[str, Any]] = None,
                  arch: int = ARCH_VERSION,
-                 prior_calibration: int = 11) -> None:
+                 prior_calibration: int = 11,
+                 work_side: Optional[int] = None) -> None:
         super().__init__()
         if arch not in (1, 2):
             raise ValueError(f"arch must be 1 or 2, got {arch!r}")
@@ -100,7 +105,10 @@ class MattingNet(nn.Module):
             "prior": resolve_prior_spec(prior),
             "arch": int(arch),
             "prior_calibration": int(prior_calibration),
+            "work_side": None if work_side is None else int(work_side),
         }
+        if work_side is not None and int(work_side) < 32:
+            raise ValueError(f"work_side must be at least 32 px, got {work_side!r}")
         self.arch = int(arch)
         # Set by optimize_for_inference: inputs are converted to channels-last, the weights' layout.
         self.channels_last = False

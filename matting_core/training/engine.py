@@ -58,7 +58,8 @@ def unwrap(model: nn.Module) -> MattingNet:
 def build_model(cfg: RecipeConfig) -> MattingNet:
     """A fresh MattingNet for `cfg`, its resolved prior recorded in `net.config["prior"]`.
 
-    Initialisation is seeded by `cfg.seed` without touching the global torch RNG. The first
+    The net records the training frames' longer side (`work_side`, unless `cfg.model` sets it),
+    the scale inference runs it at. Initialisation is seeded by `cfg.seed` without touching the global torch RNG. The first
     `cfg.optim.freeze_stages` encoder stages get `requires_grad=False`. With `cfg.head_init` > 0
     the last layer's weights (zero in MattingNet, which makes an untrained net return the prior
     exactly) are drawn with that standard deviation: the net still starts within about
@@ -68,7 +69,8 @@ def build_model(cfg: RecipeConfig) -> MattingNet:
         raise ValueError("RecipeConfig.model must not hold 'prior'; set RecipeConfig.prior")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.seed))
-        net = matting_net(cfg.backbone_weights, prior=resolve_prior_spec(cfg.prior), **cfg.model)
+        options = {"work_side": max(cfg.augment.size), **cfg.model}
+        net = matting_net(cfg.backbone_weights, prior=resolve_prior_spec(cfg.prior), **options)
         if cfg.head_init:
             with torch.no_grad():
                 net.output_conv.weight.normal_(0.0, float(cfg.head_init))
