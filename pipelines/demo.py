@@ -66,7 +66,11 @@ def write_preview(clip_dir: str, matte_dir: str, out_png: str, index: int = 0) -
     tiles = [com, pha, over, true]
     labels = ["input", "predicted alpha", "foreground over green", "true alpha"]
     for tile, label in zip(tiles, labels):
-        cv2.putText(tile, label, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
+        # The halo is the thin text shifted around, not thick text: a thicker stroke widens each
+        # glyph's advance, so a long label's halo would drift away from its letters.
+        for dx, dy in ((-1, -1), (-1, 1), (1, -1), (1, 1), (0, 2), (0, -2), (2, 0), (-2, 0)):
+            cv2.putText(tile, label, (8 + dx, 22 + dy), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1,
+                        cv2.LINE_AA)
         cv2.putText(tile, label, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     sheet = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
     cv2.imwrite(out_png, sheet)
