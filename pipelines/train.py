@@ -425,15 +425,24 @@ def check_sizes(index, crop: tuple[int, int]) -> None:
 
 
 def storage_target(uri: str):
-    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: local paths absolute, s3:// through pyarrow."""
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: local paths absolute, s3:// through pyarrow.
+
+    The S3 filesystem takes the same request limits as every other storage call
+    (`MATTING_STORAGE_CONNECT_TIMEOUT`, `_READ_TIMEOUT`, `_RETRIES`: `storage.storage_limits`).
+    """
     if uri.startswith("s3://"):
         from pyarrow import fs as pafs
 
+        from matting_core.storage import storage_limits
+
+        limits = storage_limits()
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {
+            "connect_timeout": limits["connect_timeout"], "request_timeout": limits["read_timeout"],
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=limits["retries"] + 1)}
         if endpoint:
             scheme, _, host = endpoint.partition("://")
-            kwargs = {"endpoint_override": host, "scheme": scheme}
+            kwargs.update(endpoint_override=host, scheme=scheme)
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region

@@ -206,3 +206,22 @@ def test_an_endpoint_nobody_listens_on_is_named(fast_storage, monkeypatch):
     with pytest.raises(storage.StorageError) as info:
         storage.read_bytes("s3://test/a.png")
     assert str(info.value).startswith(f"s3://test/a.png: cannot connect to {url}"), str(info.value)
+
+
+def test_training_storage_takes_the_same_limits(monkeypatch):
+    """Ray Train's checkpoint filesystem (pyarrow) gives up as every other storage call does (default pyarrow: ~11 s)."""
+    from pipelines.train import storage_target
+
+    for name, value in {**FAST, "MATTING_STORAGE_RETRIES": "0"}.items():
+        monkeypatch.setenv(name, value)
+    for name, value in {"AWS_ACCESS_KEY_ID": "dummy", "AWS_SECRET_ACCESS_KEY": "dummy",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with silent_endpoint() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        path, filesystem = storage_target("s3://bucket/runs")
+        t0 = time.time()
+        with pytest.raises(OSError, match="bucket"):
+            filesystem.get_file_info(path)
+        assert time.time() - t0 < 4
