@@ -197,6 +197,17 @@ def _result(uri: str) -> dict | None:
         return None
 
 
+def _results(uris: list[str]) -> list[dict | None]:
+    """`_result` of every output set, read concurrently: one request each, and on object storage an
+    archive of thousands of videos would otherwise wait for them one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(uris) < 2:
+        return [_result(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=min(16, len(uris)), thread_name_prefix="infer-skip") as pool:
+        return list(pool.map(_result, uris))
+
+
 def _split_key(out: str, key: str) -> tuple[str, str]:
     """(parent URI, stem) of the output set of `key` (`a/b/clip` -> (`OUT/a/b`, `clip`))."""
     parent, _, stem = key.rpartition("/")
@@ -241,8 +252,7 @@ def run_infer(cfg: InferConfig) -> InferSummary:
     for uri, reason in archive.refused:
         entries[uri] = {"uri": uri, "key": None, "status": "failed", "error": reason}
     todo = []
-    for item in archive.inputs:
-        done = _result(storage.join(cfg.out, item.key))
+    for item, done in zip(archive.inputs, _results([storage.join(cfg.out, i.key) for i in archive.inputs])):
         if done and done.get("status") in COMPLETE:
             entries[item.key] = {"uri": item.uri, "key": item.key, "status": "skipped", "frames": done.get("frames"),
                                  "lost_frames": done.get("lost_frames", [])}
