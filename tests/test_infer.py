@@ -132,7 +132,9 @@ def test_a_split_video_has_no_seams(ray_runtime, tmp_path):
     whole, split = runs["whole"], runs["split"]
     assert whole.shape == split.shape == (120, 144, 176)
     per_frame = np.abs(whole - split).mean(axis=(1, 2))
-    tolerance = 0.5  # mean absolute difference in 8-bit levels, per frame (0.19 measured; 3.4 with no warm-up)
+    # Mean absolute difference in 8-bit levels, per frame: 0.19 measured on a quiet machine, 0.66 once
+    # under heavy load (the lively net's state carries float noise of thread scheduling), 3.4 with no warm-up.
+    tolerance = 1.0
     assert per_frame[:40].max() == 0.0, "the first segment is the whole run's start"
     assert per_frame.max() <= tolerance, f"split differs from unsplit by {per_frame.max():.3f}/255"
     for seam in (40, 80):
