@@ -9,9 +9,7 @@ frame's; later frames may differ (a spliced recording), which the caller decides
 from __future__ import annotations
 
 import os
-import queue
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -20,7 +18,7 @@ import cv2
 import numpy as np
 
 from matting_core import storage
-from matting_core.runtime import lower_thread_priority
+from matting_core.threads import iterate_ahead
 from matting_core.errors import InputError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "iter_frames", "video_stem", "is_frame_folder",
@@ -285,34 +283,8 @@ def prefetch(frames: Iterator, skipped: list[int] | None = None,
     decodes without the GIL, so decoding the next frame overlaps the network's serial parts
     instead of adding to every frame's time.
     """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        lower_thread_priority()  # decoding ahead can wait; the network's threads cannot
-        yielded = 0
-        try:
-            for frame in frames:
-                if stop.is_set():
-                    return
-                q.put(frame if skipped is None else (yielded + skipped[0], frame))
-                yielded += 1
-            q.put(done)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=work, name="matte-decoder", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while not q.empty():  # unblock a producer waiting on a full queue
-            q.get_nowait()
+    if skipped is not None:
+        # Numbered in the decoding thread, where skipped[0] is exact for the frame just decoded.
+        frames = ((position + skipped[0], frame) for position, frame in enumerate(frames))
+    # Low priority: decoding ahead can wait; the network's threads cannot.
+    return iterate_ahead(frames, depth, "matte-decoder", low_priority=True)
