@@ -140,7 +140,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     from matting_core.data.clip_index import ClipIndex
     from matting_core.runtime import set_cpu_threads
-    from matting_core.training.batches import RECORD_COLUMNS, collate, make_sample, sample_rng
+    from matting_core.training.batches import RECORD_COLUMNS, collate, draw_window, make_sample, sample_rng
     from matting_core.training.engine import (build_model, build_optimizer, build_prior_stream, calibrate_batch_norm,
                                               evaluate, prepare_batch_norm, restore_training_checkpoint, train_step)
 
@@ -166,13 +166,16 @@ def _train_worker(config: dict[str, Any]) -> None:
         samples = []
         ids = clips_for_step(train_ids, recipe.seed + draw, s, rank, world, recipe.batch_size)
         for i, clip_id in enumerate(ids):
+            rng = sample_rng(recipe.seed, s, rank, i)
+            # Only the sample's window is decoded: half of an 8-frame clip at 4 frames per sample.
+            start = draw_window(rng, train_index.entries[clip_id].num_frames, recipe.frames)
             try:
-                record = train_index.read(clip_id, RECORD_COLUMNS)
+                record = train_index.read(clip_id, RECORD_COLUMNS, frames=slice(start, start + recipe.frames))
             except Exception as exc:  # a corrupt row costs itself, not the run
                 skipped += 1
                 log.warning("clip %d skipped: %s", clip_id, exc)
                 continue
-            samples.append(make_sample(record, recipe, sample_rng(recipe.seed, s, rank, i), prior_stream))
+            samples.append(make_sample(record, recipe, rng, prior_stream, window_drawn=True))
         return collate(samples) if samples else batch_at(s, draw + 1)
 
     def val_batches():
@@ -235,7 +238,7 @@ def validation_batches(index, ids: list[int], recipe, prior_stream):
     """Batches of the validation clips `ids`, whole and unaugmented, with the prior as inference computes it."""
     from matting_core.training.batches import RECORD_COLUMNS, iter_batches
 
-    records = (index.read(c, RECORD_COLUMNS) for c in ids)
+    records = (index.read(c, RECORD_COLUMNS, frames=slice(0, recipe.frames)) for c in ids)  # the samples' window
     return iter_batches(records, recipe, prior_stream, augment=False, drop_last=False)
 
 

@@ -421,3 +421,26 @@ def test_main_trains_validates_by_photo_and_writes_a_checkpoint_that_folds(datas
     assert again["step"] == 3 and again["checkpoint"].endswith("checkpoint-000003.pt")
     with pytest.raises(ValueError, match="another recipe"):
         E.main(dataclasses.replace(cfg, steps=4), dataset, out_dir=str(out), device="cpu", log=None)
+
+
+def test_a_window_read_alone_gives_the_sample_of_the_whole_clip(dataset):
+    """The job decodes only the sample's window (ClipIndex.read(frames=...)): same sample as from the whole clip."""
+    from matting_core.data.clip_index import ClipIndex
+    from matting_core.training.batches import draw_window, make_sample, sample_rng
+
+    index = ClipIndex(dataset)
+    cfg = _cfg(frames=2, augment=dataclasses.replace(AugmentConfig(size=(64, 48)), background=0.3, still=0.5))
+    starts = set()
+    for clip_id in index.ids:
+        whole = make_sample(index.read(clip_id, RECORD_COLUMNS), cfg, sample_rng(0, 3, 0, clip_id), _const_stream())
+        rng = sample_rng(0, 3, 0, clip_id)
+        start = draw_window(rng, index.entries[clip_id].num_frames, cfg.frames)
+        part = index.read(clip_id, RECORD_COLUMNS, frames=slice(start, start + cfg.frames))
+        assert part.frames.shape[0] == part.flow.shape[0] == part.bgr.shape[0] == cfg.frames
+        windowed = make_sample(part, cfg, rng, _const_stream(), window_drawn=True)
+        for key in ("src", "prior", "pha", "fgr", "flow", "flow_valid"):
+            np.testing.assert_array_equal(whole[key], windowed[key], err_msg=f"clip {clip_id} {key}")
+        starts.add(start)
+    assert len(starts) > 1  # windows other than the first were drawn
+    with pytest.raises(ValueError, match="exactly"):
+        make_sample(index.read(clip_id, RECORD_COLUMNS), cfg, sample_rng(0, 3, 0, 0), _const_stream(), window_drawn=True)

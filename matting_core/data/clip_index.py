@@ -69,12 +69,13 @@ class ClipIndex:
         """The source photo's name (file stem), the unit of a train/validation split."""
         return posixpath.splitext(posixpath.basename(self.entries[clip_id].photo))[0]
 
-    def read(self, clip_id: int, columns: list[str] | None = None) -> ClipRecord:
-        """The clip `clip_id` with only `columns` decoded (others None); KeyError for an unknown id."""
+    def read(self, clip_id: int, columns: list[str] | None = None, frames: slice | None = None) -> ClipRecord:
+        """The clip `clip_id` with only `columns` decoded (others None), and of those only `frames`
+        (all by default); KeyError for an unknown id."""
         entry = self.entries[clip_id]
         pf = self._cached(entry.shard)
         table = pf.read_row_group(entry.row_group, columns=parquet_columns(columns))
-        return decode_row(table.to_pylist()[0])
+        return decode_row(table.to_pylist()[0], frames)
 
     def _cached(self, shard: str) -> pq.ParquetFile:
         if shard in self._open:

@@ -118,27 +118,34 @@ def _decode_alpha(data: bytes) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float32) / 255.0
 
 
-def _decode_frames(row: dict, name: str, decode) -> np.ndarray | None:
-    """The per-frame images of column `name` stacked [T,...], or None when it was not read."""
+def _decode_frames(row: dict, name: str, decode, window: slice) -> np.ndarray | None:
+    """The per-frame images of column `name` in `window`, stacked [T,...], or None when it was not read."""
     data = row.get(name)
-    return None if data is None else np.stack([decode(b) for b in data])
+    return None if data is None else np.stack([decode(b) for b in data[window]])
 
 
-def _decode_flow(row: dict) -> np.ndarray | None:
+def _decode_flow(row: dict, window: slice) -> np.ndarray | None:
     if row.get("flow") is None:
         return None
     shape = (row["num_frames"], row["height"], row["width"], 2)
-    return np.frombuffer(row["flow"], "<i2").reshape(shape).astype(np.float32) / row["flow_scale"]
+    return np.frombuffer(row["flow"], "<i2").reshape(shape)[window].astype(np.float32) / row["flow_scale"]
 
 
-def decode_row(row: dict) -> ClipRecord:
-    """A ClipRecord from one row (as `pyarrow` `to_pylist` gives it); absent array columns give None."""
+def decode_row(row: dict, frames: slice | None = None) -> ClipRecord:
+    """A ClipRecord from one row (as `pyarrow` `to_pylist` gives it); absent array columns give None.
+
+    `frames` decodes only those frames of every per-frame column (training takes a window of a
+    few frames of each clip, and decoding is most of what reading a clip costs).
+    """
+    window = slice(None) if frames is None else frames
     return ClipRecord(
         clip_id=row["clip_id"], seed=row["seed"], photo=row["photo"], background=row["background"],
         shifted=row["shifted"],
-        frames=_decode_frames(row, "frames", _decode_rgb), fgr=_decode_frames(row, "fgr", _decode_rgb),
-        bgr=_decode_frames(row, "bgr", _decode_rgb), alpha=_decode_frames(row, "alpha", _decode_alpha),
-        flow=_decode_flow(row), info=json.loads(row.get("info") or "{}"),
+        frames=_decode_frames(row, "frames", _decode_rgb, window),
+        fgr=_decode_frames(row, "fgr", _decode_rgb, window),
+        bgr=_decode_frames(row, "bgr", _decode_rgb, window),
+        alpha=_decode_frames(row, "alpha", _decode_alpha, window),
+        flow=_decode_flow(row, window), info=json.loads(row.get("info") or "{}"),
     )
 
 

@@ -28,8 +28,8 @@ from matting_core.data.fakemotion import colour_matrix
 from matting_core.flow import resize_flow, source_inside
 from matting_core.prior import PriorStream
 
-__all__ = ["RECORD_COLUMNS", "Batch", "sample_rng", "make_sample", "collate", "invert_flow", "iter_batches",
-           "shuffled"]
+__all__ = ["RECORD_COLUMNS", "Batch", "sample_rng", "draw_window", "make_sample", "collate", "invert_flow",
+           "iter_batches", "shuffled"]
 
 # The clip columns a sample needs (`iter_clips(uri, columns=RECORD_COLUMNS)`); bgr is composited
 # behind a still subject (AugmentConfig.still).
@@ -235,8 +235,15 @@ def procedural_background(rng: np.random.Generator, frames: int, size: tuple[int
     return out
 
 
+def draw_window(rng: np.random.Generator, num_frames: int, frames: int) -> int:
+    """The first frame of a sample's window of `frames` frames in a clip of `num_frames` (`make_sample`'s first draw)."""
+    if num_frames < frames:
+        raise ValueError(f"a clip of {num_frames} frames has no window of {frames}")
+    return int(rng.integers(0, num_frames - frames + 1))
+
+
 def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream: PriorStream,
-                augment: bool = True) -> dict[str, np.ndarray]:
+                augment: bool = True, window_drawn: bool = False) -> dict[str, np.ndarray]:
     """One training sample (numpy, `[T,C,H,W]` float32 like a Batch's clips) from a decoded clip.
 
     In order: a window of `cfg.frames` frames (random when the clip is longer, the first ones
@@ -249,15 +256,20 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     cropped and its vectors scaled (without `augment`: the whole frame scaled to fit inside that
     size); last, time reversal (flow inverted, see `_reverse`).
     Keys: src, prior, pha, fgr, flow, flow_valid (as in `Batch`), clip_id, reversed.
+
+    With `window_drawn`, the record holds only the window's frames, already drawn from `rng` with
+    `draw_window` (and read with `ClipIndex.read(..., frames=...)`, which decodes only those): the
+    sample is then the same as from the whole record.
     """
     aug = cfg.augment
     if any(getattr(record, name) is None for name in RECORD_COLUMNS):
         raise ValueError(f"clip {record.clip_id}: a training sample needs the columns {', '.join(RECORD_COLUMNS)}")
     T_clip = record.alpha.shape[0]
     T = int(cfg.frames)
-    if T_clip < T:
-        raise ValueError(f"clip {record.clip_id} has {T_clip} frames, the recipe takes {T} per sample")
-    start = int(rng.integers(0, T_clip - T + 1)) if augment else 0
+    if T_clip < T or (window_drawn and T_clip != T):
+        raise ValueError(f"clip {record.clip_id} has {T_clip} frames, the recipe takes {T} per sample"
+                         + (" (a drawn window must hold exactly those)" if window_drawn else ""))
+    start = draw_window(rng, T_clip, T) if augment and not window_drawn else 0
     window = slice(start, start + T)
     frames, fgr, alpha = record.frames[window], record.fgr[window], record.alpha[window]
     flow = record.flow[window].copy()
