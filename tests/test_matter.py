@@ -161,6 +161,32 @@ def test_large_frame_goes_through_the_downsample_path(net):
     assert 0.0 <= res.pha.min() and res.pha.max() <= 1.0
 
 
+def test_cpu_refiner_equals_the_networks_own_downsample_path(net):
+    """On the CPU, below full resolution, the refiner runs with OpenCV (refine_frame): the mattes of net(..., downsample_ratio)."""
+    if not STREET.exists():
+        pytest.skip(f"{STREET} absent")
+    from matting_core.video.writers import quantize_alpha
+
+    frames = list(itertools.islice(iter_frames(str(STREET)), 3))
+    matter = Matter(net, PriorStream(ConstantPrior(0.5)), device="cpu")
+    results = list(matter.run(frames))
+    assert matter.spec["refiner"] == "opencv" and matter.ratio < 1
+    state = None
+    for frame, res in zip(frames, results):
+        src = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+        prior = torch.full((1, 1, *frame.shape[:2]), 0.5)
+        with torch.inference_mode():
+            pha, fgr, state = matter.net(src, prior, state, downsample_ratio=matter.ratio)
+        assert res.pha.dtype == np.float32 and res.fgr.dtype == np.uint8 and res.fgr.shape == frame.shape
+        pha8 = quantize_alpha(pha[0, 0].numpy())
+        assert np.abs(quantize_alpha(res.pha).astype(int) - pha8).max() <= 1
+        fgr8 = (fgr[0].permute(1, 2, 0) * 255).round().numpy()
+        diff = np.abs(res.fgr - fgr8)
+        assert diff.max() <= 2 and (diff > 0).mean() < 1e-3  # float rounding of the fit, at a few pixels
+    for mine, ref in zip(matter.state, state):
+        torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
+
+
 def test_prior_runs_at_the_networks_working_size(net):
     """Below full resolution the prior stream sees the frame at the network's size; the prior barely changes."""
     if not STREET.is_dir():

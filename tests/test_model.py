@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import mobilenet_v2
@@ -366,3 +367,38 @@ def test_refiner_equals_the_plain_guided_filter_on_the_grey_guide():
         with torch.set_grad_enabled(grad):
             fgr, pha = GuidedRefiner(1, 1e-5)(src, src_lr, fgr_lr, pha_lr)
         assert (fgr - want_fgr).abs().max() < 1e-5 and (pha - want_pha).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("size", [(1080, 1920), (73, 121)])
+def test_refine_frame_equals_the_refiner_on_a_uint8_frame(size):
+    """OpenCV's refiner (Matter's on the CPU) is as close to the exact refiner as the float32 one: alpha, foreground within a level."""
+    import cv2
+
+    from matting_core.model.refine import GuidedRefiner, refine_frame
+
+    h, w = size
+    rng = np.random.default_rng(3)
+    # Colour gradients with an edge and noise, and an alpha unrelated to them: windows where the
+    # fit is ill-conditioned, so float rounding shows (the float32 refiner's own error is ~1e-3).
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    frame = np.dstack([xx * 200 + 30 * (yy > 0.3), yy * 180, np.full_like(xx, 90.0)])
+    frame = np.clip(frame + rng.normal(0, 6, frame.shape), 0, 255).astype(np.uint8)
+    src = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+    src_lr = torch.nn.functional.interpolate(src, scale_factor=0.25, mode="bilinear", align_corners=False,
+                                             recompute_scale_factor=False)
+    lh, lw = src_lr.shape[-2:]
+    fgr_lr = (src_lr + 0.1 * torch.rand(1, 3, lh, lw, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    pha_lr = torch.from_numpy(cv2.GaussianBlur((rng.random((lh, lw)) > 0.5).astype(np.float32), (5, 5), 0))[None, None]
+    refiner = GuidedRefiner(1, 1e-5)
+    with torch.inference_mode():
+        fgr32, pha32 = refiner(src, src_lr, fgr_lr, pha_lr)
+        exact_fgr, exact_pha = refiner.double()(src.double(), src_lr.double(), fgr_lr.double(), pha_lr.double())
+    hwc = lambda t: np.ascontiguousarray(t[0].permute(1, 2, 0).numpy())  # noqa: E731
+    fgr, pha = refine_frame(hwc(src_lr), hwc(fgr_lr), pha_lr[0, 0].numpy(), frame, 1, 1e-5)
+    assert fgr.dtype == np.uint8 and fgr.shape == (h, w, 3) and pha.dtype == np.float32 and pha.shape == (h, w)
+    exact_pha = exact_pha[0, 0].numpy()
+    float32_error = np.abs(pha32[0, 0].numpy() - exact_pha).max()
+    assert np.abs(pha - exact_pha).max() <= max(1e-5, 1.5 * float32_error) < 0.5 / 255
+    assert np.abs(pha - pha32[0, 0].numpy()).mean() < 1e-5
+    assert np.abs(fgr - (exact_fgr[0].permute(1, 2, 0) * 255).round().numpy()).max() <= 1
+    assert 0.0 <= pha.min() and pha.max() <= 1.0 and pha.std() > 0.1

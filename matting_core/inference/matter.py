@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -26,7 +26,9 @@ import torch
 
 from matting_core.flow import TemporalSmoother, Track
 from matting_core.model import MattingNet
+from matting_core.model.net import downsample
 from matting_core.model.optimize import optimize_for_inference
+from matting_core.model.refine import refine_frame
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
 from matting_core.runtime import resolve_device
 
@@ -166,6 +168,9 @@ class Matter:
         self.frames_per_call = int(frames_per_call)
         self.prior_ahead = cuda if prior_ahead is None else bool(prior_ahead)
         self.net = _inference_copy(net, self.device)
+        # On the CPU the refiner's full-resolution step runs with OpenCV on the uint8 frames
+        # (refine_frame): the costliest part of a 1080p frame after the network in PyTorch.
+        self.refine_on_frames = not cuda and isinstance(self.net, MattingNet)
         self.amp = bool(amp) and cuda
         self.fixed_ratio = downsample_ratio
         if max_side is None:
@@ -191,6 +196,7 @@ class Matter:
                 "downsample_ratio": self.ratio if self.ratio is not None else self.fixed_ratio,
                 "max_side": self.max_side, "prior_size": list(self._prior_size) if self._prior_size else None,
                 "frames_per_call": self.frames_per_call, "prior_ahead": self.prior_ahead,
+                "refiner": "opencv" if self.refine_on_frames else "torch",
                 "prior_stream": self.prior_stream.spec,
                 "alpha_smoother": self.alpha_smoother.spec if self.alpha_smoother else None}
 
@@ -304,13 +310,23 @@ class Matter:
 
     @torch.inference_mode()
     def _net(self, frames: list[np.ndarray], priors: list[np.ndarray], ratio: float
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """T frames uint8 [H,W,3] and priors [H,W] -> alpha float32 [T,H,W], foreground uint8 [T,H,W,3]."""
+             ) -> tuple[Sequence[np.ndarray], Sequence[np.ndarray]]:
+        """T frames uint8 [H,W,3] and priors [H,W] -> T alphas float32 [H,W], T foregrounds uint8 [H,W,3]."""
         dev = self.device
         src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
         pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]
         if len(frames) == 1:  # the one-frame form, as a streaming net (or an exported one) expects
             src, pri = src[:, 0], pri[:, 0]  # [1,3,H,W], [1,1,H,W]
+        if self.refine_on_frames and ratio < 1.0:
+            # The network at its working size (as its own downsample_ratio path runs it), then its
+            # guided refiner with OpenCV, frame by frame.
+            src_lr, pri_lr = (downsample(x[0], ratio)[None] if x.dim() == 5 else downsample(x, ratio) for x in (src, pri))
+            pha_lr, fgr_lr, self._state = self.net(src_lr, pri_lr, self._state)
+            src_lr, pha_lr, fgr_lr = (_hwc(t) for t in (src_lr, pha_lr, fgr_lr))  # [T,h,w,C]
+            radius, eps = self.net.refiner.filter.radius, self.net.refiner.filter.eps
+            fgrs, phas = zip(*(refine_frame(src_lr[t], fgr_lr[t], pha_lr[t, ..., 0], frame, radius, eps)
+                               for t, frame in enumerate(frames)))
+            return phas, fgrs
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
             pha, fgr, self._state = self.net(src, pri, self._state, downsample_ratio=ratio)
         pha = pha.reshape(-1, *pha.shape[-2:]).float().clamp_(0, 1)  # [T,H,W]
@@ -355,6 +371,11 @@ class Matter:
         finally:
             stop.set()
             thread.join()
+
+
+def _hwc(x: torch.Tensor) -> np.ndarray:
+    """`[...,C,h,w]` -> contiguous float32 `[N,h,w,C]` as numpy."""
+    return np.ascontiguousarray(x.reshape(-1, *x.shape[-3:]).permute(0, 2, 3, 1).float().numpy())
 
 
 def _inference_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from matting_core.model.blocks import (AttentionGate, ConvBNReLU, ConvLSTM, Deco
 from matting_core.model.refine import GuidedRefiner
 from matting_core.prior import resolve_prior_spec
 
-__all__ = ["MattingNet", "matting_net", "ARCH_VERSION"]
+__all__ = ["MattingNet", "matting_net", "downsample", "ARCH_VERSION"]
 
 # Checkpoints whose config has no "arch" key were written by version 1 (see MattingNet).
 ARCH_VERSION = 2
@@ -200,8 +200,8 @@ class MattingNet(nn.Module):
         src_bt = src.flatten(0, 1)  # [B*T,3,H,W]
         prior_bt = prior.flatten(0, 1)  # [B*T,1,H,W]
         if downsample_ratio != 1.0:
-            src_lr = _downsample(src_bt, downsample_ratio)
-            prior_lr = _downsample(prior_bt, downsample_ratio)
+            src_lr = downsample(src_bt, downsample_ratio)
+            prior_lr = downsample(prior_bt, downsample_ratio)
             pha_lr, fgr_lr, new_state = self._run(src_lr, prior_lr, B, T, state, clamp)
             fgr, pha = self.refiner(src_bt, src_lr, fgr_lr, pha_lr)
         else:
@@ -370,13 +370,13 @@ class LightDecoderLevel(nn.Module):
         return self.block(self.merge(gated) + up[:, :self.out_channels])
 
 
-def _downsample(x: torch.Tensor, ratio: float) -> torch.Tensor:
+def downsample(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """`[N,C,H,W] -> [N,C,floor(H*ratio),floor(W*ratio)]`, bilinear (a scale factor, so it exports)."""
     return F.interpolate(x, scale_factor=ratio, mode="bilinear", align_corners=False, recompute_scale_factor=False)
 
 
 def _work_size(height: int, width: int, downsample_ratio: float) -> Tuple[int, int]:
-    """Resolution the network runs at for a `downsample_ratio` (as `_downsample` computes it)."""
+    """Resolution the network runs at for a `downsample_ratio` (as `downsample` computes it)."""
     if downsample_ratio == 1.0:
         return height, width
     return int(math.floor(height * downsample_ratio)), int(math.floor(width * downsample_ratio))

@@ -9,16 +9,23 @@ Cost at full resolution (1080p, 2 CPU threads) is dominated by the bilinear upsa
 `b`: everything else (box filters, the solve) stays at low resolution, no full-resolution guide is
 built (the alpha's grey-level guide is folded into its coefficients) and, without autograd, the
 upsampled buffers are reused in place for the multiply-add and the clamp.
+
+`refine_frame` is the same refiner for inference on the CPU, one frame at a time with OpenCV,
+from the network's low-resolution outputs to the uint8 foreground and float alpha `Matter`
+returns: OpenCV's box filter and bilinear upsampling cost a fraction of PyTorch's there, and the
+full-resolution passes read the uint8 frame as it is, without a float copy of it.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastGuidedFilter", "GuidedRefiner"]
+__all__ = ["FastGuidedFilter", "GuidedRefiner", "refine_frame"]
 
 
 def _upsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
@@ -112,3 +119,39 @@ class GuidedRefiner(nn.Module):
             return fgr.clamp(0.0, 1.0), pha.clamp(0.0, 1.0)
         return fgr.clamp_(0.0, 1.0), pha.clamp_(0.0, 1.0)
 
+
+
+def refine_frame(src_lr: np.ndarray, fgr_lr: np.ndarray, pha_lr: np.ndarray, frame: np.ndarray,
+                 radius: int = 1, eps: float = 1e-5) -> Tuple[np.ndarray, np.ndarray]:
+    """`GuidedRefiner` on one frame with OpenCV: `src_lr`, `fgr_lr` float32 `[h,w,3]`, `pha_lr` `[h,w]`, `frame` uint8 `[H,W,3]` -> (fgr uint8 `[H,W,3]`, pha float32 `[H,W]`)."""
+    # The same fit (window means over the pixels inside the image), bilinear upsampling (cv2's
+    # INTER_LINEAR has F.interpolate's half-pixel centres) and clamps as GuidedRefiner.forward:
+    # equal to it within float rounding.
+    height, width = frame.shape[:2]
+    k = (2 * radius + 1, 2 * radius + 1)
+    # Foreground channels guided by the frame's, alpha (last) by its grey level: 4 channels at once.
+    x = np.concatenate([src_lr, src_lr.mean(axis=2, keepdims=True)], axis=2)
+    y = np.concatenate([fgr_lr, pha_lr[..., None]], axis=2)
+    inv_count = 1.0 / cv2.boxFilter(np.ones(pha_lr.shape, np.float32), -1, k, normalize=False,
+                                    borderType=cv2.BORDER_CONSTANT)
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        total = cv2.boxFilter(v, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+        return total * inv_count[..., None]
+
+    mean_x, mean_y = mean(x), mean(y)
+    a = (mean(x * y) - mean_x * mean_y) / (mean(x * x) - mean_x * mean_x + eps)
+    b = mean_y - a * mean_x
+
+    def up(v: np.ndarray) -> np.ndarray:
+        return cv2.resize(np.ascontiguousarray(v), (width, height), interpolation=cv2.INTER_LINEAR)
+
+    # The frame's 1/255 and the grey level's 1/3 go into the coefficients at low resolution, so the
+    # full-resolution passes read the uint8 frame as it is; the foreground is computed on the
+    # 0..255 scale, where the saturating conversion to uint8 is the clamp and the rounding.
+    fgr = cv2.add(cv2.multiply(up(a[..., :3]), frame, dtype=cv2.CV_32F), up(b[..., :3] * 255.0), dtype=cv2.CV_8U)
+    r, g, bl = cv2.split(frame)
+    grey = cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), bl, dtype=cv2.CV_16U)  # r + g + b, exact
+    pha = cv2.add(cv2.multiply(up(a[..., 3] / 765.0), grey, dtype=cv2.CV_32F), up(b[..., 3]))
+    np.clip(pha, 0.0, 1.0, out=pha)
+    return fgr, pha
