@@ -199,3 +199,38 @@ def test_every_format_from_one_quantised_alpha(tmp_path):
     assert default_encoder_threads((512, 288), True) == 1
     assert default_encoder_threads((1920, 1080), True) == 0
     assert default_encoder_threads((512, 288), False) == 0
+
+
+@pytest.mark.parametrize("size", [(176, 144), (175, 143)])
+def test_webm_from_rgb_and_alpha_has_the_rgba_paths_planes(tmp_path, size):
+    """write_rgb_alpha (what MatteOutputs writes) encodes the colour planes of the RGBA path and the alpha itself."""
+    w, h = size
+    pha, fgr = _frames(1, w, h)[0]
+    pha8 = np.rint(pha * 255).astype(np.uint8)
+    encoded: list[av.VideoFrame] = []
+    video = rgba_webm_writer(str(tmp_path / "rgba.webm"), 25, (w, h))
+    real_encode = video._stream.encode
+    video._stream = type("Spy", (), {"encode": lambda self, f=None: encoded.append(f) or real_encode(f),
+                                     "pix_fmt": video._stream.pix_fmt})()
+    video.write_rgb_alpha(fgr, pha8)
+    video.close()
+    planes = lambda f: [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in f.planes]  # noqa: E731
+    direct = planes(encoded[0])
+    via_rgba = planes(av.VideoFrame.from_ndarray(to_rgba(fgr, pha8), format="rgba").reformat(format="yuva420p"))
+    assert encoded[0].format.name == "yuva420p" and len(direct) == 4
+    for mine, theirs in zip(direct[:3], via_rgba[:3]):
+        assert mine.shape == theirs.shape and np.abs(mine.astype(int) - theirs).max() <= 1
+    assert np.array_equal(direct[3], pha8)  # exact, where swscale's RGBA conversion moved some levels by one
+    assert np.abs(via_rgba[3].astype(int) - pha8).max() <= 1
+    alpha = next(read_alpha_video(str(tmp_path / "rgba.webm")))
+    assert np.abs(alpha.astype(float) - pha8).mean() <= 3.0
+
+
+def test_quantize_alpha_rounds_half_to_even_like_numpy():
+    from matting_core.video.writers import quantize_alpha
+
+    pha = np.concatenate([(np.arange(256) + 0.5) / 255, np.linspace(-0.2, 1.2, 5001), [0.0, 1.0]]).astype(np.float32)
+    want = np.rint(np.clip(pha, 0.0, 1.0) * 255).astype(np.uint8)
+    assert np.array_equal(quantize_alpha(pha[None], 8)[0], want)
+    assert np.array_equal(quantize_alpha(pha[None].astype(np.float64), 8)[0],
+                          np.rint(np.clip(pha.astype(np.float64), 0.0, 1.0) * 255).astype(np.uint8))

@@ -313,6 +313,8 @@ class MatteOutputs:
                 pha8 = quantize_alpha(pha, 8) if pha8 is None else pha8
                 if name == "pha":
                     writer.write(index, pha8)
+                elif name == "rgba.webm":
+                    writer.write_rgb_alpha(fgr, pha8)
                 else:
                     rgba = to_rgba(fgr, pha8) if rgba is None else rgba
                     writer.write(rgba)

@@ -35,6 +35,9 @@ def quantize_alpha(pha: np.ndarray, bits: int = 8) -> np.ndarray:
     """Alpha float [H,W] in [0,1] -> uint8 (bits=8) or uint16 (bits=16) [H,W], rounded."""
     if bits not in (8, 16):
         raise ValueError(f"alpha bits must be 8 or 16, got {bits}")
+    if bits == 8 and pha.dtype == np.float32:
+        # One pass instead of four: the same products, rounded half to even like np.rint.
+        return cv2.convertScaleAbs(np.clip(pha, 0.0, 1.0), alpha=255.0)
     peak = 255 if bits == 8 else 65535
     q = np.rint(np.clip(pha, 0.0, 1.0) * peak)
     return q.astype(np.uint8 if bits == 8 else np.uint16)
@@ -59,9 +62,12 @@ class _PngSequenceWriter:
         self.count = 0
         # Level 1 is a few times faster than the default and only a little larger for mattes; the
         # fixed "up" filter skips libpng's per-row filter search: measured at 512x288, alpha
-        # 2.7 -> 1.6 ms and 7% smaller, foreground 11.8 -> 8.5 ms and 5% larger.
+        # 2.7 -> 1.6 ms and 7% smaller, foreground 11.8 -> 8.5 ms and 5% larger. zlib's run-length
+        # strategy suits the long runs of filtered mattes: at 1080p 20% smaller and a little faster
+        # still, the same pixels.
         self._params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression),
-                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+                        cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
         os.makedirs(folder, exist_ok=True)
 
     def _write(self, index: int, image: np.ndarray) -> str:
@@ -150,6 +156,23 @@ class AvVideoWriter:
             self._container.mux(packet)
         self.count += 1
 
+    def write_rgb_alpha(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
+        """Encode one frame from RGB uint8 [H,W,3] (or float in [0,1]) and alpha uint8 [H,W], for an 8-bit pix_fmt whose last plane is alpha."""
+        h, w = rgb.shape[:2]
+        if (w, h) != self.size or alpha.shape != (h, w):
+            raise ValueError(f"{self.path}: frame is {w}x{h} with alpha {alpha.shape[1]}x{alpha.shape[0]}, "
+                             f"the stream is {self.size[0]}x{self.size[1]}")
+        # The colour planes as the RGBA path converts them (the same swscale conversion, without
+        # the RGBA copy, ~2x faster at 1080p), and the alpha plane the alpha itself, where
+        # swscale's RGBA conversion changed a few values by one level.
+        frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(_fgr_uint8(rgb)), format="rgb24")
+        frame = frame.reformat(format=self._stream.pix_fmt)
+        plane = frame.planes[-1]
+        np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width] = alpha
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.count += 1
+
     def close(self) -> None:
         """Flush the encoder and finish the file."""
         if self._container is None:
@@ -179,7 +202,7 @@ def rgba_mov_writer(path: str, fps: float | Fraction, size: tuple[int, int], thr
 
 def rgba_webm_writer(path: str, fps: float | Fraction, size: tuple[int, int],
                      crf: int = 24, threads: int = 0) -> AvVideoWriter:
-    """VP9 with alpha (`libvpx-vp9`, yuva420p) in a .webm, realtime settings; `write` takes RGBA.
+    """VP9 with alpha (`libvpx-vp9`, yuva420p) in a .webm, realtime settings; `write` takes RGBA, `write_rgb_alpha` RGB and alpha.
 
     Realtime deadline with cpu-used 8 and row-mt encodes 1080p in about 19 ms per frame here;
     constant quality (`crf`, bitrate 0) keeps alpha edges from degrading on large frames.
