@@ -402,3 +402,21 @@ def test_refine_frame_equals_the_refiner_on_a_uint8_frame(size):
     assert np.abs(pha - pha32[0, 0].numpy()).mean() < 1e-5
     assert np.abs(fgr - (exact_fgr[0].permute(1, 2, 0) * 255).round().numpy()).max() <= 1
     assert 0.0 <= pha.min() and pha.max() <= 1.0 and pha.std() > 0.1
+
+
+@pytest.mark.parametrize("shape,ratio", [((1080, 1920, 3), 512 / 1920), ((1088, 1920, 3), 512 / 1920),
+                                         ((97, 131, 3), 0.37), ((144, 176), 0.5)])
+def test_downsample_image_equals_downsample(shape, ratio):
+    """The numpy downsample Matter gives the network (from a uint8 frame, or a float prior) is the net's own."""
+    from matting_core.model.net import downsample, downsample_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, shape, dtype=np.uint8) if len(shape) == 3 else rng.random(shape, dtype=np.float32)
+    scale = 1 / 255 if image.dtype == np.uint8 else 1.0
+    t = torch.from_numpy(image).float() * scale
+    t = t.permute(2, 0, 1)[None] if t.dim() == 3 else t[None, None]
+    want = downsample(t, ratio)[0]
+    want = want.permute(1, 2, 0).numpy() if image.ndim == 3 else want[0].numpy()
+    mine = downsample_image(image, ratio, scale)
+    assert mine.dtype == np.float32 and mine.shape == want.shape
+    assert np.abs(mine - want).max() < 2e-5

@@ -26,7 +26,7 @@ import torch
 
 from matting_core.flow import TemporalSmoother, Track
 from matting_core.model import MattingNet
-from matting_core.model.net import downsample
+from matting_core.model.net import downsample_image
 from matting_core.model.optimize import optimize_for_inference
 from matting_core.model.refine import refine_frame
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
@@ -313,20 +313,26 @@ class Matter:
              ) -> tuple[Sequence[np.ndarray], Sequence[np.ndarray]]:
         """T frames uint8 [H,W,3] and priors [H,W] -> T alphas float32 [H,W], T foregrounds uint8 [H,W,3]."""
         dev = self.device
-        src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
-        pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]
-        if len(frames) == 1:  # the one-frame form, as a streaming net (or an exported one) expects
-            src, pri = src[:, 0], pri[:, 0]  # [1,3,H,W], [1,1,H,W]
         if self.refine_on_frames and ratio < 1.0:
-            # The network at its working size (as its own downsample_ratio path runs it), then its
-            # guided refiner with OpenCV, frame by frame.
-            src_lr, pri_lr = (downsample(x[0], ratio)[None] if x.dim() == 5 else downsample(x, ratio) for x in (src, pri))
-            pha_lr, fgr_lr, self._state = self.net(src_lr, pri_lr, self._state)
-            src_lr, pha_lr, fgr_lr = (_hwc(t) for t in (src_lr, pha_lr, fgr_lr))  # [T,h,w,C]
+            # The network at its working size (as its own downsample_ratio path runs it, the
+            # frames downsampled from uint8 without a full-resolution float copy), then its guided
+            # refiner with OpenCV, frame by frame.
+            src_lr = np.stack([downsample_image(f, ratio, 1.0 / 255) for f in frames])  # [T,h,w,3]
+            pri_lr = np.stack([downsample_image(p, ratio) for p in priors])  # [T,h,w]
+            src_t = torch.from_numpy(src_lr).permute(0, 3, 1, 2)[None]  # [1,T,3,h,w]
+            pri_t = torch.from_numpy(pri_lr)[None, :, None]  # [1,T,1,h,w]
+            if len(frames) == 1:
+                src_t, pri_t = src_t[:, 0], pri_t[:, 0]
+            pha_lr, fgr_lr, self._state = self.net(src_t, pri_t, self._state)
+            pha_lr, fgr_lr = _hwc(pha_lr), _hwc(fgr_lr)  # [T,h,w,C]
             radius, eps = self.net.refiner.filter.radius, self.net.refiner.filter.eps
             fgrs, phas = zip(*(refine_frame(src_lr[t], fgr_lr[t], pha_lr[t, ..., 0], frame, radius, eps)
                                for t, frame in enumerate(frames)))
             return phas, fgrs
+        src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
+        pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]
+        if len(frames) == 1:  # the one-frame form, as a streaming net (or an exported one) expects
+            src, pri = src[:, 0], pri[:, 0]  # [1,3,H,W], [1,1,H,W]
         with torch.autocast(dev.type, dtype=torch.float16, enabled=self.amp):
             pha, fgr, self._state = self.net(src, pri, self._state, downsample_ratio=ratio)
         pha = pha.reshape(-1, *pha.shape[-2:]).float().clamp_(0, 1)  # [T,H,W]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +20,7 @@ from matting_core.model.blocks import (AttentionGate, ConvBNReLU, ConvLSTM, Deco
 from matting_core.model.refine import GuidedRefiner
 from matting_core.prior import resolve_prior_spec
 
-__all__ = ["MattingNet", "matting_net", "downsample", "ARCH_VERSION"]
+__all__ = ["MattingNet", "matting_net", "downsample", "downsample_image", "ARCH_VERSION"]
 
 # Checkpoints whose config has no "arch" key were written by version 1 (see MattingNet).
 ARCH_VERSION = 2
@@ -373,6 +374,36 @@ class LightDecoderLevel(nn.Module):
 def downsample(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """`[N,C,H,W] -> [N,C,floor(H*ratio),floor(W*ratio)]`, bilinear (a scale factor, so it exports)."""
     return F.interpolate(x, scale_factor=ratio, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+
+
+def _bilinear_taps(size: int, ratio: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis of `downsample`: source indices `i0`, `i1` and weights `w0`, `w1` of each output sample."""
+    # As ATen computes them in float32 for a float input: source = (dst + 0.5) / ratio - 0.5, clamped.
+    out = int(math.floor(size * ratio))
+    real = np.float32(1.0 / ratio) * (np.arange(out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    real = np.maximum(real, np.float32(0.0))
+    i0 = np.minimum(real.astype(np.intp), size - 1)
+    w1 = np.clip(real - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
+    return i0, np.minimum(i0 + 1, size - 1), np.float32(1.0) - w1, w1
+
+
+def downsample_image(image: np.ndarray, ratio: float, scale: float = 1.0) -> np.ndarray:
+    """`downsample` of a numpy image `[H,W]` or `[H,W,C]` (any dtype), times `scale`: float32 `[h,w(,C)]`.
+
+    Reads only the pixels the bilinear samples use, so a uint8 frame needs no float copy at full
+    resolution; equal to `downsample` of `image * scale` within float rounding.
+    """
+    y0, y1, wy0, wy1 = _bilinear_taps(image.shape[0], ratio)
+    x0, x1, wx0, wx1 = _bilinear_taps(image.shape[1], ratio)
+    extra = (None,) * (image.ndim - 2)  # broadcast the weights over channels
+    top, bottom = image[y0], image[y1]  # [h,W(,C)]
+    wx0, wx1 = wx0[(slice(None),) + extra], wx1[(slice(None),) + extra]
+    # np.take gathers along an axis several times faster than fancy indexing does.
+    upper = np.take(top, x0, axis=1) * wx0 + np.take(top, x1, axis=1) * wx1  # [h,w(,C)] float32
+    lower = np.take(bottom, x0, axis=1) * wx0 + np.take(bottom, x1, axis=1) * wx1
+    wy0, wy1 = wy0[(slice(None), None) + extra], wy1[(slice(None), None) + extra]
+    out = upper * (wy0 * np.float32(scale)) + lower * (wy1 * np.float32(scale))
+    return out.astype(np.float32, copy=False)
 
 
 def _work_size(height: int, width: int, downsample_ratio: float) -> Tuple[int, int]:

@@ -27,6 +27,10 @@ from torch import nn
 
 __all__ = ["FastGuidedFilter", "GuidedRefiner", "refine_frame"]
 
+# Rows of a full-resolution strip in refine_frame: its float buffers (~0.7 MB each at 1920
+# wide) stay in the cache, and there are few enough strips for Python's per-call cost not to show.
+_STRIP_ROWS = 64
+
 
 def _upsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -143,15 +147,30 @@ def refine_frame(src_lr: np.ndarray, fgr_lr: np.ndarray, pha_lr: np.ndarray, fra
     a = (mean(x * y) - mean_x * mean_y) / (mean(x * x) - mean_x * mean_x + eps)
     b = mean_y - a * mean_x
 
-    def up(v: np.ndarray) -> np.ndarray:
-        return cv2.resize(np.ascontiguousarray(v), (width, height), interpolation=cv2.INTER_LINEAR)
+    # Bilinear upsampling split in two (it is separable): rows first, at the low width, for the
+    # whole frame, then columns strip by strip, so that each strip's float intermediates stay in
+    # the cache; full-resolution float buffers, one per pass, made this step memory-bound.
+    def rows(v: np.ndarray) -> np.ndarray:
+        return cv2.resize(np.ascontiguousarray(v), (v.shape[1], height), interpolation=cv2.INTER_LINEAR)
 
     # The frame's 1/255 and the grey level's 1/3 go into the coefficients at low resolution, so the
     # full-resolution passes read the uint8 frame as it is; the foreground is computed on the
     # 0..255 scale, where the saturating conversion to uint8 is the clamp and the rounding.
-    fgr = cv2.add(cv2.multiply(up(a[..., :3]), frame, dtype=cv2.CV_32F), up(b[..., :3] * 255.0), dtype=cv2.CV_8U)
-    r, g, bl = cv2.split(frame)
-    grey = cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), bl, dtype=cv2.CV_16U)  # r + g + b, exact
-    pha = cv2.add(cv2.multiply(up(a[..., 3] / 765.0), grey, dtype=cv2.CV_32F), up(b[..., 3]))
+    a_fgr, b_fgr = rows(a[..., :3]), rows(b[..., :3] * 255.0)
+    a_pha, b_pha = rows(a[..., 3] / 765.0), rows(b[..., 3])
+    fgr = np.empty((height, width, 3), np.uint8)
+    pha = np.empty((height, width), np.float32)
+    for top in range(0, height, _STRIP_ROWS):
+        strip = slice(top, min(top + _STRIP_ROWS, height))
+        n = strip.stop - strip.start
+
+        def cols(v: np.ndarray) -> np.ndarray:
+            return cv2.resize(v[strip], (width, n), interpolation=cv2.INTER_LINEAR)
+
+        cv2.add(cv2.multiply(cols(a_fgr), frame[strip], dtype=cv2.CV_32F), cols(b_fgr), dst=fgr[strip],
+                dtype=cv2.CV_8U)
+        r, g, bl = cv2.split(frame[strip])
+        grey = cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), bl, dtype=cv2.CV_16U)  # r + g + b, exact
+        cv2.add(cv2.multiply(cols(a_pha), grey, dtype=cv2.CV_32F), cols(b_pha), dst=pha[strip])
     np.clip(pha, 0.0, 1.0, out=pha)
     return fgr, pha
