@@ -14,7 +14,6 @@ network's own threads. `reset()` starts the next video.
 from __future__ import annotations
 
 import copy
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from matting_core.model.optimize import optimize_for_inference
 from matting_core.model.refine import refine_frame
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
 from matting_core.runtime import resolve_device
+from matting_core.threads import iterate_ahead
 
 __all__ = ["MatteFrame", "Matter", "StageTimer", "auto_downsample_ratio", "CUDA_FRAMES_PER_CALL",
            "DEFAULT_MAX_SIDE"]
@@ -100,16 +100,6 @@ class _Prepared:
     ratio: float
     fresh: bool
     track: Track | None  # the prior stream's motion at the frame's size, for the alpha smoother
-
-
-class _Failed:
-    """An exception raised in the prior thread, carried to the caller's."""
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_END = object()
 
 
 # The network's input side for models that do not record the side they were trained at.
@@ -341,42 +331,8 @@ class Matter:
 
     def _ahead(self, frames: Iterable[np.ndarray]) -> Iterator[_Prepared]:
         """`_prepare` of each frame, run in a thread up to `frames_per_call` frames ahead of the caller."""
-        ready: queue.Queue = queue.Queue(maxsize=self.frames_per_call)
-        stop = threading.Event()
-
-        def put(item: Any) -> bool:
-            # A bounded wait, so a closed consumer (that reads no more) never leaves the thread blocked.
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            # At normal priority, unlike the decoder and writers: the network waits for these priors.
-            try:
-                for frame in frames:
-                    if stop.is_set() or not put(self._prepare(frame)):
-                        return
-                put(_END)
-            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-                put(_Failed(exc))
-
-        thread = threading.Thread(target=work, name="matte-prior", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is _END:
-                    return
-                if isinstance(item, _Failed):
-                    raise item.exc
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        # At normal priority, unlike the decoder and writers: the network waits for these priors.
+        return iterate_ahead((self._prepare(frame) for frame in frames), self.frames_per_call, "matte-prior")
 
 
 def _hwc(x: torch.Tensor) -> np.ndarray:
