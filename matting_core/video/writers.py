@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Iterator
 
 import av
+from av.video.reformatter import VideoReformatter
 import cv2
 import numpy as np
 
@@ -145,6 +146,7 @@ class AvVideoWriter:
             self._container.close()
             raise
         self._stream = stream
+        self._reformatter = VideoReformatter()
 
     def write(self, image: np.ndarray) -> None:
         """Encode one frame, uint8 [H,W,3] (rgb24) or [H,W,4] (rgba) of the writer's size."""
@@ -166,7 +168,10 @@ class AvVideoWriter:
         # the RGBA copy, ~2x faster at 1080p), and the alpha plane the alpha itself, where
         # swscale's RGBA conversion changed a few values by one level.
         frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(_fgr_uint8(rgb)), format="rgb24")
-        frame = frame.reformat(format=self._stream.pix_fmt)
+        # One converter for the stream, with the encoder's threads, as its own reformatting has:
+        # a frame's reformat() sets up a new swscale context (and threads) every time.
+        frame = self._reformatter.reformat(frame, format=self._stream.pix_fmt,
+                                           threads=self._stream.codec_context.thread_count)
         plane = frame.planes[-1]
         np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width] = alpha
         for packet in self._stream.encode(frame):
