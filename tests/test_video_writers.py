@@ -209,9 +209,19 @@ def test_webm_from_rgb_and_alpha_has_the_rgba_paths_planes(tmp_path, size):
     pha8 = np.rint(pha * 255).astype(np.uint8)
     encoded: list[av.VideoFrame] = []
     video = rgba_webm_writer(str(tmp_path / "rgba.webm"), 25, (w, h))
-    real_encode = video._stream.encode
-    video._stream = type("Spy", (), {"encode": lambda self, f=None: encoded.append(f) or real_encode(f),
-                                     "pix_fmt": video._stream.pix_fmt})()
+
+    class Spy:  # the stream, recording the frames it is given
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+        def encode(self, frame=None):
+            encoded.append(frame)
+            return self.stream.encode(frame)
+
+    video._stream = Spy(video._stream)
     video.write_rgb_alpha(fgr, pha8)
     video.close()
     planes = lambda f: [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in f.planes]  # noqa: E731
