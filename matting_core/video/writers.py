@@ -213,8 +213,11 @@ def rgba_webm_writer(path: str, fps: float | Fraction, size: tuple[int, int],
     constant quality (`crf`, bitrate 0) keeps alpha edges from degrading on large frames.
     `threads`: encoder threads (0: FFmpeg's choice, one per core).
     """
+    # No lookahead (libvpx's default holds 25 frames): each frame is encoded as it comes, beside
+    # the matting of the next ones, instead of the last 25 after matting has ended (about a second
+    # at 1080p, with nothing else to do); the same quality, and size within a few bytes.
     return AvVideoWriter(path, fps, size, "libvpx-vp9", "yuva420p",
-                         {"deadline": "realtime", "cpu-used": "8", "row-mt": "1",
+                         {"deadline": "realtime", "cpu-used": "8", "row-mt": "1", "lag-in-frames": "0",
                           "crf": str(crf), "b": "0"}, input_format="rgba", threads=threads)
 
 
