@@ -158,8 +158,8 @@ class Matter:
         self.frames_per_call = int(frames_per_call)
         self.prior_ahead = cuda if prior_ahead is None else bool(prior_ahead)
         self.net = _inference_copy(net, self.device)
-        # On the CPU the refiner's full-resolution step runs with OpenCV on the uint8 frames
-        # (refine_frame): the costliest part of a 1080p frame after the network in PyTorch.
+        # On the CPU the guided refiner runs with OpenCV on the uint8 frames (refine_frame): in
+        # PyTorch it was the costliest part of a 1080p frame after the network itself.
         self.refine_on_frames = not cuda and isinstance(self.net, MattingNet)
         self.amp = bool(amp) and cuda
         self.fixed_ratio = downsample_ratio
