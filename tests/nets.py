@@ -1,9 +1,19 @@
 """Test networks that behave like trained ones, and random clips to feed them."""
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
 from matting_core.model import MattingNet
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CARPHONE = SHARED / "data" / "videos" / "people" / "carphone.mp4"
+SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
+STREET = SHARED / "data" / "videos" / "people" / "street-two-people" / "frames"
 
 H, W = 64, 96
 
@@ -36,3 +46,30 @@ def lively(net: MattingNet, seed: int = 0) -> MattingNet:
             # PyTorch's own fp32 output differ from fp64 by ~8e-5: no 1e-4 comparison could pass.
             m.running_var.clamp_(min=1e-2)
     return net.eval()
+
+
+def carphone_frames(count: int) -> list[np.ndarray]:
+    """The first `count` frames of carphone.mp4 (uint8 RGB); skips the test when ../shared is absent."""
+    from matting_core.video import iter_frames
+
+    if not CARPHONE.exists():
+        pytest.skip(f"{CARPHONE} absent")
+    return list(itertools.islice(iter_frames(str(CARPHONE)), count))
+
+
+def lively_net() -> MattingNet:
+    """A net whose output depends on its recurrent state (an untrained one returns the prior whatever the state)."""
+    from matting_core.model import matting_net
+
+    torch.manual_seed(0)
+    return lively(matting_net(backbone_weights="none"))
+
+
+def selfie_stream():
+    """The selfie prior with the default smoother; skips the test when the model is absent."""
+    from matting_core.flow import TemporalSmoother
+    from matting_core.prior import PriorStream, make_prior
+
+    if not SELFIE.exists():
+        pytest.skip(f"{SELFIE} absent")
+    return PriorStream(make_prior("selfie", weights=str(SELFIE)), TemporalSmoother())

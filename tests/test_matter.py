@@ -5,7 +5,6 @@ import gc
 import inspect
 import itertools
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,43 +13,28 @@ import torch
 from matting_core.flow import TemporalSmoother
 from matting_core.inference.matter import Matter, auto_downsample_ratio
 from matting_core.model import matting_net
-from matting_core.prior import ConstantPrior, PriorStream, SelfiePrior, make_prior, prior_stream_from_spec
+from matting_core.prior import ConstantPrior, PriorStream, SelfiePrior, prior_stream_from_spec
 from matting_core.runtime import resolve_device
 from matting_core.video import iter_frames
-from tests.nets import lively
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CARPHONE = SHARED / "data" / "videos" / "people" / "carphone.mp4"
-SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
-STREET = SHARED / "data" / "videos" / "people" / "street-two-people" / "frames"
-
+from tests.nets import SELFIE, STREET, carphone_frames, lively, lively_net, selfie_stream
 
 @pytest.fixture(scope="module")
 def frames():
-    if not CARPHONE.exists():
-        pytest.skip(f"{CARPHONE} absent")
-    return list(itertools.islice(iter_frames(str(CARPHONE)), 6))
+    return carphone_frames(6)
 
 
 @pytest.fixture(scope="module")
 def net():
-    """A net whose output depends on its recurrent state (an untrained one returns the prior whatever the state)."""
-    torch.manual_seed(0)
-    return lively(matting_net(backbone_weights="none"))
+    return lively_net()
 
-
-def _selfie_stream():
-    if not SELFIE.exists():
-        pytest.skip(f"{SELFIE} absent")
-    return PriorStream(make_prior("selfie", weights=str(SELFIE)), TemporalSmoother())
 
 
 def test_streaming_equals_manual_per_frame_calls(frames, net):
-    matter = Matter(net, _selfie_stream(), device="cpu")
+    matter = Matter(net, selfie_stream(), device="cpu")
     results = list(matter.run(frames))
     assert [r.index for r in results] == list(range(len(frames)))
 
-    stream, state = _selfie_stream(), None
+    stream, state = selfie_stream(), None
     for frame, res in zip(frames, results):
         prior = stream(frame)
         src = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
@@ -68,7 +52,7 @@ def test_streaming_equals_manual_per_frame_calls(frames, net):
         torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
     assert max(float(t.abs().max()) for t in state) > 0
     # The state matters: matting each frame from a fresh state gives other mattes.
-    stateless = [Matter(net, _selfie_stream(), device="cpu").step(f).pha for f in frames[:3]]
+    stateless = [Matter(net, selfie_stream(), device="cpu").step(f).pha for f in frames[:3]]
     assert max(float(np.abs(x - r.pha).max()) for x, r in zip(stateless[1:], results[1:3])) > 1e-3
 
     timings = matter.timer.summary()
@@ -196,8 +180,8 @@ def test_prior_runs_at_the_networks_working_size(net):
     files = sorted(STREET.glob("*.jpg"))[:5]
     video = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
     h, w = video[0].shape[:2]
-    fast = Matter(net, _selfie_stream(), device="cpu", downsample_ratio=0.5, smooth_alpha=True)
-    full = Matter(net, _selfie_stream(), device="cpu", downsample_ratio=0.5, prior_at_work_size=False)
+    fast = Matter(net, selfie_stream(), device="cpu", downsample_ratio=0.5, smooth_alpha=True)
+    full = Matter(net, selfie_stream(), device="cpu", downsample_ratio=0.5, prior_at_work_size=False)
     a, b = list(fast.run(video)), list(full.run(video))
     assert fast.spec["prior_size"] == [w // 2, h // 2] and full.spec["prior_size"] is None
     assert fast.prior_stream.smoother._size == (h // 2, w // 2)  # smoothing ran at the small size
@@ -209,7 +193,7 @@ def test_prior_runs_at_the_networks_working_size(net):
     confident = b[-1].prior > 0.9
     assert confident.any() and a[-1].prior[confident].mean() > 0.85
     # Full-resolution frames are matted as before when the network runs at full size.
-    assert Matter(net, _selfie_stream(), device="cpu", downsample_ratio=1.0).spec["prior_size"] is None
+    assert Matter(net, selfie_stream(), device="cpu", downsample_ratio=1.0).spec["prior_size"] is None
 
 
 def test_matter_changes_nothing_it_is_given(frames):

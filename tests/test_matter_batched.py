@@ -2,10 +2,8 @@
 the same results as the one-frame streaming path, errors and early closes handled, CPU defaults."""
 from __future__ import annotations
 
-import itertools
 import json
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,35 +12,19 @@ import torch
 
 from matting_core.flow import TemporalSmoother
 from matting_core.inference.matter import Matter
-from matting_core.model import matting_net, save_checkpoint
-from matting_core.prior import ConstantPrior, PriorStream, make_prior
-from matting_core.video import iter_frames
-from tests.nets import lively
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CARPHONE = SHARED / "data" / "videos" / "people" / "carphone.mp4"
-SELFIE = SHARED / "models" / "selfie_segmentation_landscape.tflite"
-STREET = SHARED / "data" / "videos" / "people" / "street-two-people" / "frames"
+from matting_core.model import save_checkpoint
+from matting_core.prior import ConstantPrior, PriorStream
+from tests.nets import STREET, carphone_frames, lively_net, selfie_stream
 
 
 @pytest.fixture(scope="module")
 def frames():
-    if not CARPHONE.exists():
-        pytest.skip(f"{CARPHONE} absent")
-    return list(itertools.islice(iter_frames(str(CARPHONE)), 10))
+    return carphone_frames(10)
 
 
 @pytest.fixture(scope="module")
 def net():
-    """A net whose output depends on its recurrent state (an untrained one returns the prior whatever the state)."""
-    torch.manual_seed(0)
-    return lively(matting_net(backbone_weights="none"))
-
-
-def _selfie_stream() -> PriorStream:
-    if not SELFIE.exists():
-        pytest.skip(f"{SELFIE} absent")
-    return PriorStream(make_prior("selfie", weights=str(SELFIE)), TemporalSmoother())
+    return lively_net()
 
 
 def _frames_per_call(matter: Matter) -> list[int]:
@@ -68,8 +50,8 @@ def _assert_same(batched, streamed):
 def test_batched_equals_streaming(frames, net, frames_per_call, ratio):
     """T frames per call (10 frames: the last call is shorter), alpha smoothing on: the one-frame path's results."""
     options = dict(device="cpu", smooth_alpha=True, downsample_ratio=ratio)
-    streaming = Matter(net, _selfie_stream(), frames_per_call=1, **options)
-    batched = Matter(net, _selfie_stream(), frames_per_call=frames_per_call, **options)
+    streaming = Matter(net, selfie_stream(), frames_per_call=1, **options)
+    batched = Matter(net, selfie_stream(), frames_per_call=frames_per_call, **options)
     calls = _frames_per_call(batched)
     a, b = list(streaming.run(frames)), list(batched.run(frames))
     full, rest = divmod(len(frames), frames_per_call)
@@ -79,7 +61,7 @@ def test_batched_equals_streaming(frames, net, frames_per_call, ratio):
     for mine, ref in zip(batched.state, streaming.state):
         torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)
     # Not trivially equal: the state matters for this net (a fresh state on the last frame differs).
-    alone = Matter(net, _selfie_stream(), **options).step(frames[-1]).pha
+    alone = Matter(net, selfie_stream(), **options).step(frames[-1]).pha
     assert float(np.abs(alone - a[-1].pha).max()) > 1e-3
     assert batched.timer.frames == len(frames) and {"prior", "smoothing", "net", "alpha_smoothing"} <= set(
         batched.timer.seconds)
@@ -106,8 +88,8 @@ def test_size_change_inside_a_batch_starts_afresh(frames, net):
 def test_prior_ahead_equals_sequential(frames, net, frames_per_call):
     """The prior stream in a thread gives the same results in the same order, and the thread ends with the video."""
     before = _prior_threads()
-    streaming = Matter(net, _selfie_stream(), device="cpu", frames_per_call=1, prior_ahead=False)
-    ahead = Matter(net, _selfie_stream(), device="cpu", frames_per_call=frames_per_call, prior_ahead=True)
+    streaming = Matter(net, selfie_stream(), device="cpu", frames_per_call=1, prior_ahead=False)
+    ahead = Matter(net, selfie_stream(), device="cpu", frames_per_call=frames_per_call, prior_ahead=True)
     a = list(streaming.run(frames))
     gen = ahead.run(frames)
     b = [next(gen)]
