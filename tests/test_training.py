@@ -329,15 +329,15 @@ def test_evaluate_runs_in_eval_mode_and_restores_every_module_mode(batch):
     assert metrics["mad"] == pytest.approx(1e3 * float((batch.prior - batch.pha).abs().mean()), rel=1e-4)
 
 
-def _ddp_worker(rank: int, folder: str) -> None:
+def _ddp_worker(rank: int, folder: str, bn: str = "frozen") -> None:
     """One of two DDP ranks: a step on its own random clip; saves its weights afterwards."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
     try:
-        cfg = _cfg(tbptt=2)  # 3 frames: two chunks, the first without gradient synchronisation
-        model = torch.nn.parallel.DistributedDataParallel(E.build_model(cfg))
+        cfg = _cfg(tbptt=2, bn=bn)  # 3 frames: two chunks, the first without gradient synchronisation
+        model = torch.nn.parallel.DistributedDataParallel(E.prepare_batch_norm(E.build_model(cfg), cfg))
         optimizer, scheduler = E.build_optimizer(model, cfg)
         gen = torch.Generator().manual_seed(rank)
         src, prior, pha = (torch.rand(1, 3, c, 64, 64, generator=gen) for c in (3, 1, 1))
@@ -348,13 +348,18 @@ def _ddp_worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def test_train_step_under_distributed_data_parallel(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2)
+@pytest.mark.parametrize("bn", ["frozen", "sync"])
+def test_train_step_under_distributed_data_parallel(tmp_path, bn):
+    # bn="sync" on CPUs keeps plain batch norms (SyncBatchNorm runs only on GPU modules).
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), bn), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["total"] != r1["total"]  # different data on each rank...
     fresh = E.build_model(_cfg()).state_dict()
-    for name, value in r0["state"].items():  # ...and the same weights after the step: gradients were averaged
-        assert torch.allclose(value, r1["state"][name], atol=1e-7), name
+    # ...and the same weights after the step: gradients were averaged (with batch statistics, each
+    # rank's running statistics follow its own batch)
+    weights = {n for n, _ in E.build_model(_cfg()).named_parameters()} if bn == "sync" else set(r0["state"])
+    for name in weights:
+        assert torch.allclose(r0["state"][name], r1["state"][name], atol=1e-7), name
     assert not torch.equal(r0["state"]["head.out.weight"], fresh["head.out.weight"])
 
 

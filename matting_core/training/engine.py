@@ -135,12 +135,15 @@ def set_train_mode(model: nn.Module, cfg: RecipeConfig) -> None:
 
 
 def prepare_batch_norm(model: nn.Module, cfg: RecipeConfig) -> nn.Module:
-    """With `bn="sync"` under an initialised torch.distributed: batch norms as SyncBatchNorm (before DDP).
+    """With `bn="sync"` under an initialised torch.distributed, on GPUs: batch norms as SyncBatchNorm (before DDP).
 
-    The state dict keeps its keys, so `save_checkpoint` and `load_checkpoint` work unchanged; fold
-    (`optimize_for_inference`) a model loaded from a checkpoint, whose batch norms are plain again.
+    SyncBatchNorm runs only on GPU modules; on CPUs each worker keeps plain batch norms over its
+    own batch (statistics per worker, as with one process). The state dict keeps its keys, so
+    `save_checkpoint` and `load_checkpoint` work unchanged; fold (`optimize_for_inference`) a
+    model loaded from a checkpoint, whose batch norms are plain again.
     """
-    if cfg.bn == "sync" and torch.distributed.is_available() and torch.distributed.is_initialized():
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    if cfg.bn == "sync" and on_gpu and torch.distributed.is_available() and torch.distributed.is_initialized():
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
