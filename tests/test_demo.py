@@ -12,7 +12,7 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     # what the demo sets when nothing is configured; set here so the test session gets it back after
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     status = main(["demo", "--out", str(out), "--clips", "16", "--photos", "6", "--held-out", "2", "--videos", "2",
-                   "--steps", "12", "--benchmark-clips", "1", "--benchmark-frames", "8"])
+                   "--held-out-videos", "1", "--val-clips", "4", "--steps", "12", "--benchmark-clips", "1", "--benchmark-frames", "8"])
     text = capsys.readouterr().out
     assert status == 0, text
     summary = text[text.index("demo summary"):]
@@ -31,6 +31,12 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("demo-matting", "champion").version) == "1"
     run = client.search_runs([client.get_experiment_by_name("demo").experiment_id])[0]
+    # cpu-small with the demo's changes, validated on clips of the held-out people
+    from pipelines.demo import DEMO_RECIPE
+
+    assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
+    assert run.data.params["recipe.optim.encoder_lr_scale"] == "1.0"
+    assert [v for v in run.data.params.values() if v == str(out / "val-clips")]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2
     for name in ("preview.png", "loss.png", "report/evaluation.html"):
         assert (out / name).stat().st_size > 0, name

@@ -152,7 +152,8 @@ class RecipeConfig:
             independent of the batch size and of how many workers there are, DDP needs no
             synchronisation of statistics, and `optimize_for_inference` folds exactly what was
             trained; the affine parameters still learn. `sync`: batch norms in training mode
-            (the caller converts them to SyncBatchNorm under DDP: `engine.prepare_batch_norm`).
+            (on GPUs under DDP the caller converts them to SyncBatchNorm with
+            `engine.prepare_batch_norm`; on CPUs each worker normalises over its own batch).
         val_every, checkpoint_every, log_every: in optimizer steps (0: never, except at the end).
         val_share: share of the photos held out for validation when no validation data is given.
         val_clips: at most this many validation clips per evaluation.
