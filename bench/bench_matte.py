@@ -143,7 +143,6 @@ def bench_size(net, size: tuple[int, int], frames_n: int, workdir: str) -> dict:
 
     video = os.path.join(workdir, f"src-{w}x{h}.mp4")
     write_h264(video, frames)
-    matter.timer.__init__()
     result = end_to_end(matter, video, workdir)
     timings, n = result.timings, result.frames
     out["e2e_ms"] = timings["ms_per_frame"]["wall"]
@@ -192,7 +191,6 @@ def bench_ratio(net, reps: int, frames: dict[tuple[int, int], int], workdir: str
     for rep in range(reps):
         order = sizes if rep % 2 == 0 else sizes[::-1]  # each size first in turn
         for size in order:
-            matter.timer.__init__()
             runs[size].append(end_to_end(matter, videos[size], workdir).timings["ms_per_frame"]["wall"])
         loads.append(os.getloadavg()[0])
     small, big = runs[sizes[0]], runs[sizes[-1]]

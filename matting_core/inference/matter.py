@@ -58,6 +58,12 @@ class StageTimer:
         self.frames = 0
         self._lock = threading.Lock()  # the prior thread and the network's add to it at once
 
+    def clear(self) -> None:
+        """Forget every stage's time and the frame count (a new video starts)."""
+        with self._lock:
+            self.seconds.clear()
+            self.frames = 0
+
     def add(self, stage: str, seconds: float) -> None:
         """Add `seconds` to `stage`."""
         with self._lock:
@@ -196,12 +202,13 @@ class Matter:
         return self._state
 
     def reset(self) -> None:
-        """Forget the previous video: recurrent state, smoothing histories, automatic ratio."""
+        """Forget the previous video: recurrent state, smoothing histories, automatic ratio, timings."""
         self._state: list[torch.Tensor] | None = None
         self._size: tuple[int, int] | None = None
         self._prior_size: tuple[int, int] | None = None  # (W,H) the prior stream runs at, None: the frame's
         self.ratio: float | None = self.fixed_ratio
         self.index = 0
+        self.timer.clear()  # result.json reports one video's timings, not an actor's running total
         self.prior_stream.reset()
         if self.alpha_smoother is not None:
             self.alpha_smoother.reset()
