@@ -124,7 +124,36 @@ def _apply_colour(images: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """uint8 [T,H,W,3] through the affine colour map, saturated to uint8."""
     out = np.empty_like(images)
     for t, img in enumerate(images):
-        out[t] = np.clip(cv2.transform(img.astype(np.float32), matrix) + 0.5, 0, 255).astype(np.uint8)
+        x = cv2.transform(img.astype(np.float32), matrix)
+        x += 0.5
+        out[t] = np.clip(x, 0, 255, out=x)  # the assignment truncates, as astype(np.uint8) does
+    return out
+
+
+def _composite(alpha: np.ndarray, fgr: np.ndarray, bgr: np.ndarray) -> np.ndarray:
+    """uint8 [T,H,W,3] frames `alpha * fgr + (1 - alpha) * bgr`, rounded.
+
+    alpha float32 [T,H,W] in [0,1], fgr and bgr uint8 [T,H,W,3]; alpha and fgr may hold one frame
+    (a held pose), used for every frame of bgr. Frame by frame in float32, without full-clip
+    temporaries.
+    """
+    out = np.empty(bgr.shape, np.uint8)
+    for t in range(len(bgr)):
+        if t == 0 or len(alpha) > 1:
+            a = alpha[t][..., None]
+            front, behind = a * fgr[t].astype(np.float32), 1.0 - a
+        x = behind * bgr[t].astype(np.float32)
+        x += front
+        x += 0.5
+        out[t] = np.clip(x, 0, 255, out=x)
+    return out
+
+
+def _flip(images: np.ndarray) -> np.ndarray:
+    """[T,H,W,...] mirrored left to right, contiguous (cv2.flip: numpy's copy of a reversed view is ~10x slower)."""
+    out = np.empty_like(images)
+    for t in range(len(images)):
+        cv2.flip(images[t], 1, out[t])
     return out
 
 
@@ -210,7 +239,8 @@ def procedural_background(rng: np.random.Generator, frames: int, size: tuple[int
     colour += cv2.resize(rng.normal(0, 20, (6, 9, 3)).astype(np.float32), (cw, ch), interpolation=cv2.INTER_CUBIC)
     grain = cv2.resize(rng.normal(0, 1, (ch // 4, cw // 4)).astype(np.float32), (cw, ch),
                        interpolation=cv2.INTER_LINEAR)
-    canvas = colour + rng.uniform(0, 18) * grain[..., None]
+    canvas = colour
+    canvas += rng.uniform(0, 18) * grain[..., None]
     for _ in range(int(rng.integers(6, 21))):
         c = np.clip(base + rng.normal(0, 70, 3), 0, 255).tolist()
         x, y = int(rng.integers(0, cw)), int(rng.integers(0, ch))
@@ -224,9 +254,12 @@ def procedural_background(rng: np.random.Generator, frames: int, size: tuple[int
             cv2.line(canvas, (x, y), end, c, int(rng.integers(1, 6)))
     if rng.random() < 0.5:
         canvas = cv2.GaussianBlur(canvas, (0, 0), rng.uniform(0.8, 3.0))
-    grey = canvas.mean(axis=2, keepdims=True)
-    canvas = grey + rng.uniform(0.2, 1.0) * (canvas - grey)  # real scenes are rarely fully saturated
-    canvas = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+    grey = ((canvas[..., 0] + canvas[..., 1] + canvas[..., 2]) / 3)[..., None]  # mean(axis=2), 10x faster
+    canvas -= grey  # real scenes are rarely fully saturated
+    canvas *= rng.uniform(0.2, 1.0)
+    canvas += grey
+    canvas += 0.5
+    canvas = np.clip(canvas, 0, 255, out=canvas).astype(np.uint8)
     velocity = rng.uniform(-1.0, 1.0, 2) * pad / max(frames, 1)
     out = np.empty((frames, H, W, 3), np.uint8)
     for t in range(frames):
@@ -277,9 +310,7 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     if augment and rng.random() < aug.still:
         # A pause: the window's first pose held over the clip's own moving background. Fake
         # motion never stops, and a person who holds still is where a matte must not flicker.
-        a0, f0 = alpha[:1], fgr[:1].astype(np.float32)
-        mix = a0[..., None] * f0 + (1.0 - a0[..., None]) * record.bgr[window].astype(np.float32)
-        frames = np.clip(mix + 0.5, 0, 255).astype(np.uint8)
+        frames = _composite(alpha[:1], fgr[:1], record.bgr[window])
         fgr, alpha = np.repeat(fgr[:1], T, axis=0), np.repeat(alpha[:1], T, axis=0)
         flow[:] = 0.0
     # Where the true flow is defined: the foreground (frame 0's has no previous frame in the
@@ -299,16 +330,12 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
 
     # Flip, background and colour act on whole frames: the prior below must see what inference sees.
     if augment and rng.random() < aug.flip:
-        frames, fgr, alpha = frames[:, :, ::-1], fgr[:, :, ::-1], alpha[:, :, ::-1]
-        flow, defined = flow[:, :, ::-1].copy(), defined[:, :, ::-1]
+        frames, fgr, alpha, flow, defined = (_flip(a) for a in (frames, fgr, alpha, flow, defined))
         flow[..., 0] *= -1.0
-        frames, fgr, alpha, defined = (np.ascontiguousarray(a) for a in (frames, fgr, alpha, defined))
         x0 = width - x0 - cw  # the box follows the subject into the mirror
 
     if augment and rng.random() < aug.background:
-        bgr = procedural_background(rng, T, (width, height)).astype(np.float32)
-        a = alpha[..., None]
-        frames = np.clip(a * fgr.astype(np.float32) + (1.0 - a) * bgr + 0.5, 0, 255).astype(np.uint8)
+        frames = _composite(alpha, fgr, procedural_background(rng, T, (width, height)))
 
     if augment and (aug.brightness or aug.contrast or aug.saturation or aug.gains):
         matrix = colour_matrix(rng, aug)
@@ -344,15 +371,22 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
         flow = flow * (valid[..., None] > 0)
 
     return {
-        "src": np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32) * (1.0 / 255.0),
+        "src": _unit_float(frames),
         "prior": np.ascontiguousarray(prior[:, None], dtype=np.float32),
         "pha": np.ascontiguousarray(alpha[:, None], dtype=np.float32),
-        "fgr": np.ascontiguousarray(fgr.transpose(0, 3, 1, 2), dtype=np.float32) * (1.0 / 255.0),
+        "fgr": _unit_float(fgr),
         "flow": np.ascontiguousarray(flow.transpose(0, 3, 1, 2), dtype=np.float32),
         "flow_valid": np.ascontiguousarray(valid[:, None], dtype=np.float32),
         "clip_id": np.int64(record.clip_id),
         "reversed": np.bool_(reverse),
     }
+
+
+def _unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [T,H,W,C] -> float32 [T,C,H,W] in [0,1] (times float32(1/255)), in one pass."""
+    T, H, W, C = images.shape
+    out = np.empty((T, C, H, W), np.float32)
+    return np.multiply(images.transpose(0, 3, 1, 2), np.float32(1.0 / 255.0), out=out)
 
 
 def collate(samples: list[dict]) -> Batch:
