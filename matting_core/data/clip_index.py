@@ -74,7 +74,8 @@ class ClipIndex:
         (all by default); KeyError for an unknown id."""
         entry = self.entries[clip_id]
         pf = self._cached(entry.shard)
-        table = pf.read_row_group(entry.row_group, columns=parquet_columns(columns))
+        # One row group of one clip: pyarrow's thread pool only adds hand-offs (and threads) here.
+        table = pf.read_row_group(entry.row_group, columns=parquet_columns(columns), use_threads=False)
         return decode_row(table.to_pylist()[0], frames)
 
     def _cached(self, shard: str) -> pq.ParquetFile:

@@ -110,25 +110,57 @@ def encode_clip(clip: Clip, clip_id: int, seed: int, photo: str, background: str
     }
 
 
-def _decode_rgb(data: bytes) -> np.ndarray:
-    return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+def _imdecode(data: bytes, flags: int) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if img is None:
+        raise ValueError("undecodable image in a clip record")
+    return img
 
 
-def _decode_alpha(data: bytes) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float32) / 255.0
+def _decode_rgb(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [H,W,3] RGB from JPEG bytes (into `out` when given)."""
+    if _IMREAD_RGB is None:  # OpenCV < 4.10: the same pixels by way of BGR
+        rgb = cv2.cvtColor(_imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    else:
+        rgb = _imdecode(data, _IMREAD_RGB)
+    if out is None:
+        return rgb
+    out[...] = rgb
+    return out
 
 
-def _decode_frames(row: dict, name: str, decode, window: slice) -> np.ndarray | None:
+def _decode_alpha(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 [H,W] in [0,1] from 8-bit grey PNG bytes (into `out` when given)."""
+    return np.divide(_imdecode(data, cv2.IMREAD_UNCHANGED), np.float32(255.0), out=out, dtype=np.float32)
+
+
+# libjpeg converts to RGB itself (the same pixels as BGR then cvtColor, one pass fewer).
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+# Per-frame image columns: how one frame decodes and the shape and dtype of a decoded frame.
+_IMAGE_COLUMNS = {"frames": (_decode_rgb, 3, np.uint8), "fgr": (_decode_rgb, 3, np.uint8),
+                  "bgr": (_decode_rgb, 3, np.uint8), "alpha": (_decode_alpha, None, np.float32)}
+
+
+def _decode_frames(row: dict, name: str, window: slice) -> np.ndarray | None:
     """The per-frame images of column `name` in `window`, stacked [T,...], or None when it was not read."""
     data = row.get(name)
-    return None if data is None else np.stack([decode(b) for b in data[window]])
+    if data is None:
+        return None
+    data = data[window]
+    decode, channels, dtype = _IMAGE_COLUMNS[name]
+    shape = (len(data), row["height"], row["width"]) + ((channels,) if channels else ())
+    out = np.empty(shape, dtype)
+    for t, b in enumerate(data):
+        decode(b, out[t])
+    return out
 
 
 def _decode_flow(row: dict, window: slice) -> np.ndarray | None:
     if row.get("flow") is None:
         return None
     shape = (row["num_frames"], row["height"], row["width"], 2)
-    return np.frombuffer(row["flow"], "<i2").reshape(shape)[window].astype(np.float32) / row["flow_scale"]
+    flow = np.frombuffer(row["flow"], "<i2").reshape(shape)[window]
+    return np.divide(flow, np.float32(row["flow_scale"]), dtype=np.float32)
 
 
 def decode_row(row: dict, frames: slice | None = None) -> ClipRecord:
@@ -141,10 +173,10 @@ def decode_row(row: dict, frames: slice | None = None) -> ClipRecord:
     return ClipRecord(
         clip_id=row["clip_id"], seed=row["seed"], photo=row["photo"], background=row["background"],
         shifted=row["shifted"],
-        frames=_decode_frames(row, "frames", _decode_rgb, window),
-        fgr=_decode_frames(row, "fgr", _decode_rgb, window),
-        bgr=_decode_frames(row, "bgr", _decode_rgb, window),
-        alpha=_decode_frames(row, "alpha", _decode_alpha, window),
+        frames=_decode_frames(row, "frames", window),
+        fgr=_decode_frames(row, "fgr", window),
+        bgr=_decode_frames(row, "bgr", window),
+        alpha=_decode_frames(row, "alpha", window),
         flow=_decode_flow(row, window), info=json.loads(row.get("info") or "{}"),
     )
 
