@@ -449,3 +449,32 @@ def test_a_window_read_alone_gives_the_sample_of_the_whole_clip(dataset):
     assert len(starts) > 1  # windows other than the first were drawn
     with pytest.raises(ValueError, match="exactly"):
         make_sample(index.read(clip_id, RECORD_COLUMNS), cfg, sample_rng(0, 3, 0, 0), _const_stream(), window_drawn=True)
+
+
+def test_a_sample_decodes_the_background_only_when_it_draws_a_pause(dataset, monkeypatch):
+    """ClipIndex.read defers bgr: a sample without a pause never decodes it; one with a pause is the
+    same as from a record decoded at once; a deferred column that is not JPEG data fails the read."""
+    import pyarrow.parquet as pq
+
+    from matting_core.data import clips
+    from matting_core.data.clip_index import ClipIndex
+
+    decoded = []
+    decode = clips._decode_images
+    monkeypatch.setattr(clips, "_decode_images", lambda name, *a: decoded.append(name) or decode(name, *a))
+    index = ClipIndex(dataset)
+    for still in (0.0, 1.0):
+        cfg = _cfg(frames=2, augment=dataclasses.replace(AugmentConfig(size=(64, 48)), background=0.0, still=still))
+        for clip_id in index.ids[:3]:
+            decoded.clear()
+            record = index.read(clip_id, RECORD_COLUMNS, frames=slice(1, 3))
+            sample = make_sample(record, cfg, sample_rng(0, 1, 0, clip_id), _const_stream(), window_drawn=True)
+            assert decoded.count("bgr") == (1 if still else 0) and decoded.count("frames") == 1
+            eager = index.read(clip_id, RECORD_COLUMNS, frames=slice(1, 3), defer=())
+            again = make_sample(eager, cfg, sample_rng(0, 1, 0, clip_id), _const_stream(), window_drawn=True)
+            for key in ("src", "prior", "pha", "fgr", "flow", "flow_valid"):
+                np.testing.assert_array_equal(sample[key], again[key], err_msg=f"clip {clip_id} {key}")
+    row = next(pq.ParquetFile(index.entries[index.ids[0]].shard).iter_batches(batch_size=1)).to_pylist()[0]
+    row["bgr"] = [b"not a jpeg"] * len(row["bgr"])
+    with pytest.raises(ValueError, match="bgr"):
+        clips.decode_row(row, defer=("bgr",))

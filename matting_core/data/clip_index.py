@@ -69,14 +69,20 @@ class ClipIndex:
         """The source photo's name (file stem), the unit of a train/validation split."""
         return posixpath.splitext(posixpath.basename(self.entries[clip_id].photo))[0]
 
-    def read(self, clip_id: int, columns: list[str] | None = None, frames: slice | None = None) -> ClipRecord:
+    def read(self, clip_id: int, columns: list[str] | None = None, frames: slice | None = None,
+             defer: tuple[str, ...] = ("bgr",)) -> ClipRecord:
         """The clip `clip_id` with only `columns` decoded (others None), and of those only `frames`
-        (all by default); KeyError for an unknown id."""
+        (all by default); KeyError for an unknown id.
+
+        The image columns in `defer` are decoded when the record's field is first read
+        (`decode_row`): by default bgr, which a training sample composites only when it draws a
+        pause (`AugmentConfig.still`).
+        """
         entry = self.entries[clip_id]
         pf = self._cached(entry.shard)
         # One row group of one clip: pyarrow's thread pool only adds hand-offs (and threads) here.
         table = pf.read_row_group(entry.row_group, columns=parquet_columns(columns), use_threads=False)
-        return decode_row(table.to_pylist()[0], frames)
+        return decode_row(table.to_pylist()[0], frames, defer)
 
     def _cached(self, shard: str) -> pq.ParquetFile:
         if shard in self._open:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from matting_core import storage
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "ARRAY_COLUMNS", "Clip", "ClipRecord", "encode_clip",
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "FLOW_SCALE", "ARRAY_COLUMNS", "Clip", "ClipRecord", "Deferred", "encode_clip",
            "decode_row", "iter_clips", "list_shards", "shard_name", "write_shard"]
 
 SCHEMA_VERSION = 1
@@ -57,23 +57,58 @@ class Clip:
     info: dict
 
 
+class Deferred:
+    """Per-frame images of one column kept encoded: `deferred()` decodes and stacks them."""
+
+    __slots__ = ("name", "data", "height", "width")
+
+    def __init__(self, name: str, data: list[bytes], height: int, width: int):
+        self.name, self.data, self.height, self.width = name, data, height, width
+
+    def __call__(self) -> np.ndarray:
+        return _decode_images(self.name, self.data, self.height, self.width)
+
+
+class _DecodedOnUse:
+    """A ClipRecord array field that may hold a `Deferred` column: decoded once, when first read."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, record, owner=None):
+        if record is None:
+            raise AttributeError(self.slot[1:])  # no class-level default: the field stays required
+        value = record.__dict__[self.slot]
+        if isinstance(value, Deferred):
+            value = record.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, record, value) -> None:
+        record.__dict__[self.slot] = value
+
+
 @dataclass
 class ClipRecord:
     """A decoded clip. frames/fgr/bgr uint8 [T,H,W,3] RGB; alpha float32 [T,H,W] in [0,1];
     flow float32 [T,H,W,2] backward foreground flow (DESIGN.md). An array whose column was not
-    read (`iter_clips(columns=...)`) is None."""
+    read (`iter_clips(columns=...)`) is None. An array field may also be given a `Deferred`
+    column (`decode_row(defer=...)`): it is decoded when the field is first read."""
 
     clip_id: int
     seed: int
     photo: str
     background: str
     shifted: bool
-    frames: np.ndarray | None
-    fgr: np.ndarray | None
-    bgr: np.ndarray | None
-    alpha: np.ndarray | None
-    flow: np.ndarray | None
+    frames: np.ndarray | None = _DecodedOnUse()
+    fgr: np.ndarray | None = _DecodedOnUse()
+    bgr: np.ndarray | None = _DecodedOnUse()
+    alpha: np.ndarray | None = _DecodedOnUse()
+    flow: np.ndarray | None = _DecodedOnUse()
     info: dict
+
+    def has(self, name: str) -> bool:
+        """Whether array column `name` was read (decoded or deferred), without decoding it."""
+        return self.__dict__["_" + name] is not None
 
 
 def _jpeg(img: np.ndarray, quality: int) -> bytes:
@@ -141,18 +176,32 @@ _IMAGE_COLUMNS = {"frames": (_decode_rgb, 3, np.uint8), "fgr": (_decode_rgb, 3, 
                   "bgr": (_decode_rgb, 3, np.uint8), "alpha": (_decode_alpha, None, np.float32)}
 
 
-def _decode_frames(row: dict, name: str, window: slice) -> np.ndarray | None:
-    """The per-frame images of column `name` in `window`, stacked [T,...], or None when it was not read."""
+# The first bytes of every JPEG and PNG: a deferred column is checked for them when it is read.
+_SIGNATURES = {_decode_rgb: b"\xff\xd8\xff", _decode_alpha: b"\x89PNG\r\n\x1a\n"}
+
+
+def _decode_images(name: str, data: list[bytes], height: int, width: int) -> np.ndarray:
+    """The encoded images `data` of column `name`, decoded and stacked [T,H,W,...]."""
+    decode, channels, dtype = _IMAGE_COLUMNS[name]
+    out = np.empty((len(data), height, width) + ((channels,) if channels else ()), dtype)
+    for t, b in enumerate(data):
+        decode(b, out[t])
+    return out
+
+
+def _decode_frames(row: dict, name: str, window: slice, defer: bool = False) -> np.ndarray | Deferred | None:
+    """The per-frame images of column `name` in `window`, stacked [T,...] (a `Deferred` with `defer`),
+    or None when it was not read."""
     data = row.get(name)
     if data is None:
         return None
     data = data[window]
-    decode, channels, dtype = _IMAGE_COLUMNS[name]
-    shape = (len(data), row["height"], row["width"]) + ((channels,) if channels else ())
-    out = np.empty(shape, dtype)
-    for t, b in enumerate(data):
-        decode(b, out[t])
-    return out
+    if not defer:
+        return _decode_images(name, data, row["height"], row["width"])
+    signature = _SIGNATURES[_IMAGE_COLUMNS[name][0]]
+    if not all(b.startswith(signature) for b in data):
+        raise ValueError(f"column {name}: an image is not {'JPEG' if name != 'alpha' else 'PNG'} data")
+    return Deferred(name, data, row["height"], row["width"])
 
 
 def _decode_flow(row: dict, window: slice) -> np.ndarray | None:
@@ -163,20 +212,23 @@ def _decode_flow(row: dict, window: slice) -> np.ndarray | None:
     return np.divide(flow, np.float32(row["flow_scale"]), dtype=np.float32)
 
 
-def decode_row(row: dict, frames: slice | None = None) -> ClipRecord:
+def decode_row(row: dict, frames: slice | None = None, defer: tuple[str, ...] = ()) -> ClipRecord:
     """A ClipRecord from one row (as `pyarrow` `to_pylist` gives it); absent array columns give None.
 
     `frames` decodes only those frames of every per-frame column (training takes a window of a
-    few frames of each clip, and decoding is most of what reading a clip costs).
+    few frames of each clip, and decoding is most of what reading a clip costs). The image columns
+    in `defer` (of frames, fgr, bgr, alpha) are decoded when the record's field is first read, not
+    here: a column that is seldom used then costs nothing when it is not. Their bytes are checked
+    for the JPEG / PNG signature here, but any other decoding error is raised at that first read.
     """
     window = slice(None) if frames is None else frames
+    unknown = set(defer) - set(_IMAGE_COLUMNS)
+    if unknown:
+        raise ValueError(f"only image columns can be deferred ({', '.join(_IMAGE_COLUMNS)}), not {sorted(unknown)}")
     return ClipRecord(
         clip_id=row["clip_id"], seed=row["seed"], photo=row["photo"], background=row["background"],
         shifted=row["shifted"],
-        frames=_decode_frames(row, "frames", window),
-        fgr=_decode_frames(row, "fgr", window),
-        bgr=_decode_frames(row, "bgr", window),
-        alpha=_decode_frames(row, "alpha", window),
+        **{name: _decode_frames(row, name, window, name in defer) for name in _IMAGE_COLUMNS},
         flow=_decode_flow(row, window), info=json.loads(row.get("info") or "{}"),
     )
 

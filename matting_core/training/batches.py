@@ -295,7 +295,7 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     sample is then the same as from the whole record.
     """
     aug = cfg.augment
-    if any(getattr(record, name) is None for name in RECORD_COLUMNS):
+    if not all(record.has(name) for name in RECORD_COLUMNS):  # (without decoding a deferred bgr)
         raise ValueError(f"clip {record.clip_id}: a training sample needs the columns {', '.join(RECORD_COLUMNS)}")
     T_clip = record.alpha.shape[0]
     T = int(cfg.frames)
