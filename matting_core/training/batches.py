@@ -9,10 +9,10 @@ The prior enters training exactly as at inference: the recipe's `PriorStream` (p
 the order the clip plays, reset at the start of every clip; the sample's crop is then cut from
 its map as from the frames. It is computed here, in data loading, rather than cached by
 `generate`: every augmentation (flip, reversal, a pause, colour, a new background) changes what
-the prior sees, so a cached map would be the prior of a different video. Cost on these 2 cores:
-the selfie prior and its smoothing about 3.2 ms per 512x288 frame, the rest of a sample a few
-tens of ms per clip; `matting train` makes the next batch in a helper thread while a step
-computes (`bench/bench_train.py` prints what a step still waits).
+the prior sees, so a cached map would be the prior of a different video. The prior stream is the
+largest part of what a sample costs, then JPEG decoding and the crop's resizes; `matting train`
+makes the next batch in a helper thread while a step computes (`bench/bench_train.py` prints
+what a step still waits).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ __all__ = ["RECORD_COLUMNS", "Batch", "sample_rng", "draw_window", "make_sample"
            "iter_batches", "shuffled"]
 
 # The clip columns a sample needs (`iter_clips(uri, columns=RECORD_COLUMNS)`); bgr is composited
-# behind a still subject (AugmentConfig.still).
+# behind a still subject (AugmentConfig.still), and ClipIndex.read decodes it only then.
 RECORD_COLUMNS = ["frames", "fgr", "bgr", "alpha", "flow"]
 # Separates the sample streams from other seeded streams (clip synthesis uses [seed, index]).
 _SAMPLE_STREAM = 0x7EA1
