@@ -171,11 +171,12 @@ def _train_worker(config: dict[str, Any]) -> None:
             start = draw_window(rng, train_index.entries[clip_id].num_frames, recipe.frames)
             try:
                 record = train_index.read(clip_id, RECORD_COLUMNS, frames=slice(start, start + recipe.frames))
+                # inside the try: bgr is decoded only when the sample draws a pause, here
+                samples.append(make_sample(record, recipe, rng, prior_stream, window_drawn=True))
             except Exception as exc:  # a corrupt row costs itself, not the run
                 skipped += 1
                 log.warning("clip %d skipped: %s", clip_id, exc)
                 continue
-            samples.append(make_sample(record, recipe, rng, prior_stream, window_drawn=True))
         return collate(samples) if samples else batch_at(s, draw + 1)
 
     def val_batches():
