@@ -201,9 +201,8 @@ def _claim_output(out: str) -> str | None:
 # `cpu-small` keeps for a handful of real people (an encoder that learns at a tenth of the lr with
 # its first stages frozen, frozen batch-norm statistics) only slow down learning what a person is
 # from a random encoder: here every layer learns at one lr, with batch statistics (per worker on
-# CPUs). Frames of 192x108 buy 500 steps in the demo's minutes; the benchmark's MAD was 25.0 after
-# 300 steps at 256x144 and 23.3 after 500 at 192x108 (33.4 after 1,000 at 128x72: too coarse for
-# the smaller people), against 39-41 with `cpu-small` as it is.
+# CPUs). Frames of 192x108 buy more steps in the demo's minutes than 256x144, and keep the smaller
+# people that 128x72 loses (the README's demo section has the measurements).
 DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 108]},
                "optim": {"lr": 2e-3, "encoder_lr_scale": 1.0, "freeze_stages": 0, "head_lr_scale": 1.0,
                          "calibration_lr_scale": 1.0, "warmup_steps": 30}}
