@@ -17,6 +17,18 @@ _FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "
               "MATTING_STORAGE_READ_TIMEOUT", "MATTING_STORAGE_RETRIES")
 
 
+# Ray Train's placement-group cleaner asks the dashboard's state API once a second whether the
+# controller lives and warns whenever it cannot: with no dashboard (the local runtime starts none)
+# that is a warning a second for the whole run. Unanswered, it leaves the group alone, as it should.
+_NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray's worker_process_setup_hook: silence Ray's own warnings that repeat every second."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once per process: join RAY_ADDRESS if set, else start a local runtime."""
     import ray
@@ -26,7 +38,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
         env.setdefault("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES))
-        kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+        # Ray Train tees a worker's print to its logger's console handler too: each line twice.
+        env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        runtime_env = {"env_vars": env, "worker_process_setup_hook": "pipelines.ray_runtime.quiet_worker_logs"}
+        kwargs = dict(runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
         sigterm = signal.getsignal(signal.SIGTERM)
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)

@@ -69,8 +69,6 @@ def ray_runtime(s3_server):
 
     from pipelines.ray_runtime import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    ensure_ray()
+    ensure_ray(num_cpus=2)  # as the CLI starts it (runtime env, worker setup hook)
     yield ray
     ray.shutdown()

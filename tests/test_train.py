@@ -337,3 +337,19 @@ def test_clip_index_reads_any_clip_by_id_as_iter_clips_does(clips):
         np.testing.assert_array_equal(got.alpha, record.alpha)
         np.testing.assert_array_equal(got.flow, record.flow)
     assert index.photo_key(records[0].clip_id) in PHOTOS
+
+
+def test_ray_workers_neither_repeat_the_cleaners_warning_nor_print_twice(ray_runtime):
+    """Every worker runs the setup hook: Ray Train's placement-group cleaner, which cannot reach the
+    dashboard's state API on a local runtime, does not warn once a second, and prints are not teed."""
+    import logging
+
+    from pipelines.ray_runtime import _NOISY_LOGGERS
+
+    @ray_runtime.remote(num_cpus=0)
+    def worker_view():
+        return ([logging.getLogger(name).isEnabledFor(logging.WARNING) for name in _NOISY_LOGGERS],
+                os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH"))
+
+    warns, patch = ray_runtime.get(worker_view.remote())
+    assert warns == [False] * len(_NOISY_LOGGERS) and patch == "0"
