@@ -356,12 +356,13 @@ def resolve_prior_spec(spec: dict[str, Any] | None = None,
 
 def prior_stream_from_spec(spec: dict[str, Any] | None, backend: str | None = None,
                            weights: str | None = None, smooth: bool | None = None,
-                           device: Any = "cpu") -> PriorStream:
+                           device: Any = "cpu", num_threads: int | None = None) -> PriorStream:
     """The prior stream a (resolved) spec describes, e.g. a checkpoint's `net.config["prior"]`, with overrides.
 
     Choosing a different `backend` drops the recorded prior options (they belong to the other
     backend) but keeps the smoother settings. `smooth=False` turns smoothing off; True turns it
-    on (with today's defaults when the spec had none).
+    on (with today's defaults when the spec had none). `num_threads` is the selfie model's thread
+    count (a runtime setting, never part of a spec; None: its default).
     """
     spec = resolve_prior_spec(spec)
     prior, smoother, key_interval = spec["prior"], spec["smoother"], spec["key_interval"]
@@ -373,5 +374,7 @@ def prior_stream_from_spec(spec: dict[str, Any] | None, backend: str | None = No
         smoother, key_interval = None, 1
     elif smooth is True and smoother is None:
         smoother = {}
+    if num_threads is not None and prior["backend"] == "selfie":
+        prior = {**prior, "num_threads": int(num_threads)}
     return PriorStream(make_prior(device=device, **prior),
                        TemporalSmoother(**smoother) if smoother is not None else None, key_interval)

@@ -386,6 +386,15 @@ def test_build_model_records_the_resolved_prior_and_seeds_its_initialisation():
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
 
 
+def test_the_training_prior_runs_on_one_thread_and_the_spec_does_not_say_so(selfie_model_cache, monkeypatch):
+    from matting_core.prior import prior_stream_from_spec
+
+    monkeypatch.setenv("MATTING_MODEL_CACHE", str(selfie_model_cache))
+    loading, default = E.build_prior_stream(_cfg()), prior_stream_from_spec(None)
+    assert loading.prior.num_threads == 1 and default.prior.num_threads == 2
+    assert loading.spec == default.spec == resolve_prior_spec(None)  # a runtime setting, not recorded
+
+
 def test_presets_and_config_round_trip():
     assert set(PRESETS) >= {"cpu-small", "gpu"}
     assert PRESETS["gpu"].augment.size == (512, 288) and 8 <= PRESETS["gpu"].frames <= 15
