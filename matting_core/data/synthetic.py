@@ -7,6 +7,7 @@ objects. `write_sources` puts both on disk in the layouts `matting generate` rea
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import cv2
@@ -139,18 +140,26 @@ def write_sources(out_dir: str, photos: int = 12, videos: int = 3, frames: int =
     os.makedirs(os.path.join(photo_dir, "image"), exist_ok=True)
     os.makedirs(os.path.join(photo_dir, "alpha"), exist_ok=True)
     os.makedirs(bg_dir, exist_ok=True)
-    for i in range(photos):
+
+    def photo(i: int) -> None:
         img_path = os.path.join(photo_dir, "image", f"person{i:03d}.png")
         pha_path = os.path.join(photo_dir, "alpha", f"person{i:03d}.png")
         if os.path.exists(img_path) and os.path.exists(pha_path):
-            continue
+            return
         image, alpha = person_photo(np.random.default_rng([seed, 1, i]))
         cv2.imwrite(pha_path, np.clip(alpha * 255 + 0.5, 0, 255).astype(np.uint8))
         cv2.imwrite(img_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    for i in range(videos):
+
+    def video(i: int) -> None:
         path = os.path.join(bg_dir, f"scene{i:03d}.mp4")
         if not os.path.exists(path):
             tmp = path + ".tmp.mp4"
             write_video(tmp, background_video(np.random.default_rng([seed, 2, i]), frames))
             os.replace(tmp, path)
+
+    # Each source has its own generator, so the order they are drawn in changes nothing; numpy's
+    # and OpenCV's array work releases the GIL, so threads share the cores.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done in [pool.submit(video, i) for i in range(videos)] + [pool.submit(photo, i) for i in range(photos)]:
+            done.result()
     return {"photos": photo_dir, "backgrounds": bg_dir}
