@@ -392,6 +392,7 @@ def test_the_training_prior_runs_on_one_thread_and_the_spec_does_not_say_so(self
     monkeypatch.setenv("MATTING_MODEL_CACHE", str(selfie_model_cache))
     loading, default = E.build_prior_stream(_cfg()), prior_stream_from_spec(None)
     assert loading.prior.num_threads == 1 and default.prior.num_threads == 2
+    assert E.build_prior_stream(_cfg(), device="cuda").prior.num_threads == 2  # on a GPU the cores are the loader's
     assert loading.spec == default.spec == resolve_prior_spec(None)  # a runtime setting, not recorded
 
 

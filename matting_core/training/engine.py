@@ -343,12 +343,13 @@ def split_by_photo(records_or_photos: Iterable, val_share: float, seed: int) -> 
 def build_prior_stream(cfg: RecipeConfig, device: Any = "cpu") -> PriorStream:
     """The prior stream the recipe trains with (the spec `build_model` records), for data loading.
 
-    The selfie model runs on one thread: it runs in the loader thread beside the training step,
-    whose threads own the cores.
+    When training on CPUs the selfie model runs on one thread: it runs in the loader thread beside
+    the training step, whose threads own the cores.
     """
     spec = resolve_prior_spec(cfg.prior)
     prior_device = device if spec["prior"]["backend"] == "deeplabv3" else "cpu"
-    return prior_stream_from_spec(spec, device=prior_device, num_threads=1)
+    threads = 1 if torch.device(device).type == "cpu" else None
+    return prior_stream_from_spec(spec, device=prior_device, num_threads=threads)
 
 
 def _records(uri: str, ids: set[int] | None) -> Iterator[ClipRecord]:
