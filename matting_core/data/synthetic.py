@@ -13,6 +13,8 @@ import av
 import cv2
 import numpy as np
 
+from matting_core.runtime import available_cpus
+
 __all__ = ["person_photo", "background_video", "write_sources"]
 
 _SKIN = np.array([[224, 172, 140], [198, 134, 96], [141, 85, 56], [255, 205, 170]], np.float32)
@@ -159,7 +161,7 @@ def write_sources(out_dir: str, photos: int = 12, videos: int = 3, frames: int =
 
     # Each source has its own generator, so the order they are drawn in changes nothing; numpy's
     # and OpenCV's array work releases the GIL, so threads share the cores.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=available_cpus()) as pool:
         for done in [pool.submit(video, i) for i in range(videos)] + [pool.submit(photo, i) for i in range(photos)]:
             done.result()
     return {"photos": photo_dir, "backgrounds": bg_dir}
