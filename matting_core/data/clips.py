@@ -171,18 +171,16 @@ def _decode_alpha(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
 
 # libjpeg converts to RGB itself (the same pixels as BGR then cvtColor, one pass fewer).
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-# Per-frame image columns: how one frame decodes and the shape and dtype of a decoded frame.
-_IMAGE_COLUMNS = {"frames": (_decode_rgb, 3, np.uint8), "fgr": (_decode_rgb, 3, np.uint8),
-                  "bgr": (_decode_rgb, 3, np.uint8), "alpha": (_decode_alpha, None, np.float32)}
-
-
-# The first bytes of every JPEG and PNG: a deferred column is checked for them when it is read.
-_SIGNATURES = {_decode_rgb: b"\xff\xd8\xff", _decode_alpha: b"\x89PNG\r\n\x1a\n"}
+# Per-frame image columns: how one frame decodes, the channels and dtype of a decoded frame, and
+# the format's name and first bytes (a deferred column is checked for them when it is read).
+_RGB = (_decode_rgb, 3, np.uint8, "JPEG", b"\xff\xd8\xff")
+_IMAGE_COLUMNS = {"frames": _RGB, "fgr": _RGB, "bgr": _RGB,
+                  "alpha": (_decode_alpha, None, np.float32, "PNG", b"\x89PNG\r\n\x1a\n")}
 
 
 def _decode_images(name: str, data: list[bytes], height: int, width: int) -> np.ndarray:
     """The encoded images `data` of column `name`, decoded and stacked [T,H,W,...]."""
-    decode, channels, dtype = _IMAGE_COLUMNS[name]
+    decode, channels, dtype, _, _ = _IMAGE_COLUMNS[name]
     out = np.empty((len(data), height, width) + ((channels,) if channels else ()), dtype)
     for t, b in enumerate(data):
         decode(b, out[t])
@@ -198,9 +196,9 @@ def _decode_frames(row: dict, name: str, window: slice, defer: bool = False) -> 
     data = data[window]
     if not defer:
         return _decode_images(name, data, row["height"], row["width"])
-    signature = _SIGNATURES[_IMAGE_COLUMNS[name][0]]
+    *_, kind, signature = _IMAGE_COLUMNS[name]
     if not all(b.startswith(signature) for b in data):
-        raise ValueError(f"column {name}: an image is not {'JPEG' if name != 'alpha' else 'PNG'} data")
+        raise ValueError(f"column {name}: an image is not {kind} data")
     return Deferred(name, data, row["height"], row["width"])
 
 

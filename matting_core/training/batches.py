@@ -150,7 +150,7 @@ def _composite(alpha: np.ndarray, fgr: np.ndarray, bgr: np.ndarray) -> np.ndarra
 
 
 def _flip(images: np.ndarray) -> np.ndarray:
-    """[T,H,W,...] mirrored left to right, contiguous (cv2.flip: numpy's copy of a reversed view is ~10x slower)."""
+    """[T,H,W,...] mirrored left to right, contiguous (cv2.flip: numpy's copy of a reversed view is far slower)."""
     out = np.empty_like(images)
     for t in range(len(images)):
         cv2.flip(images[t], 1, out[t])
@@ -254,7 +254,7 @@ def procedural_background(rng: np.random.Generator, frames: int, size: tuple[int
             cv2.line(canvas, (x, y), end, c, int(rng.integers(1, 6)))
     if rng.random() < 0.5:
         canvas = cv2.GaussianBlur(canvas, (0, 0), rng.uniform(0.8, 3.0))
-    grey = ((canvas[..., 0] + canvas[..., 1] + canvas[..., 2]) / 3)[..., None]  # mean(axis=2), 10x faster
+    grey = ((canvas[..., 0] + canvas[..., 1] + canvas[..., 2]) / 3)[..., None]  # mean(axis=2), without its slow reduction
     canvas -= grey  # real scenes are rarely fully saturated
     canvas *= rng.uniform(0.2, 1.0)
     canvas += grey

@@ -210,7 +210,8 @@ def rgba_webm_writer(path: str, fps: float | Fraction, size: tuple[int, int],
     """VP9 with alpha (`libvpx-vp9`, yuva420p) in a .webm, realtime settings; `write` takes RGBA, `write_rgb_alpha` RGB and alpha.
 
     Realtime deadline with cpu-used 8 and row-mt (the cheapest libvpx settings; the README's
-    benchmark table has what they cost at 1080p); constant quality (`crf`, bitrate 0) keeps alpha edges from degrading on large frames.
+    benchmark table has what they cost at 1080p); constant quality (`crf`, bitrate 0) keeps alpha
+    edges from degrading on large frames.
     `threads`: encoder threads (0: FFmpeg's choice, one per core).
     """
     # No lookahead (libvpx's default holds 25 frames): each frame is encoded as it comes, beside
