@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -572,7 +573,12 @@ def _mlflow_run(job: TrainJob, run_dir: str, resolved: dict, data: str) -> tuple
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     manifest = storage.join(data, "manifest.json")
     digest = hashlib.sha256(storage.read_bytes(manifest)).hexdigest()[:16] if storage.exists(manifest) else None
-    dataset = MetaDataset(source=resolve_dataset_source(redact(data)), name="clips", digest=digest)
+    with warnings.catch_warnings():
+        # MLflow registers LocalArtifactDatasetSource twice and warns that a local path matches
+        # both; the one it then picks is the one meant
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(redact(data))
+    dataset = MetaDataset(source=source, name="clips", digest=digest)
     client.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                               tags=[InputTag("mlflow.data.context", "training")])])
     if storage.exists(manifest):

@@ -353,3 +353,24 @@ def test_ray_workers_neither_repeat_the_cleaners_warning_nor_print_twice(ray_run
 
     warns, patch = ray_runtime.get(worker_view.remote())
     assert warns == [False] * len(_NOISY_LOGGERS) and patch == "0"
+
+
+def test_the_runs_dataset_input_is_logged_without_mlflows_ambiguity_warning(clips, tmp_path):
+    """MLflow warns that a local dataset path matches two (identical) sources; the run says nothing."""
+    import warnings
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import TrainJob, _mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = TrainJob(data=clips, val_data=None, workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
+                   storage=str(tmp_path / "runs"), run_name="quiet", experiment="quiet", register_as="quiet",
+                   tracking_uri=uri, max_failures=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_id, resumed = _mlflow_run(job, str(tmp_path / "runs" / "quiet"), {"steps": 1}, clips)
+    assert not resumed
+    assert [str(w.message) for w in caught if "interpreted in multiple ways" in str(w.message)] == []
+    inputs = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.source_type) for i in inputs] == [("clips", "local")]
