@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from matting_core.data.benchmark import BenchmarkConfig, ConfigMismatch, make_benchmark
+from matting_core.output_lock import OutputLock, OutputLocked
 from pipelines import config as cfglib
 from pipelines.config import PositiveInt, option
 
@@ -27,7 +28,8 @@ examples:
   # then: matting matte bench/0000/com -o mattes/ --model REF; matting evaluate --true bench/ --pred mattes/
 
 Writes OUT/<clip>/{com,pha,fgr,bgr}/0000.png, OUT/benchmark.json and OUT/errors.jsonl.
-Exit status: 0 all clips written, 3 some clips failed (listed), 2 usage, 1 nothing written.
+Exit status: 0 all clips written, 3 some clips failed (listed), 2 usage (or OUT in use by another
+run), 1 nothing written.
 """
 
 
@@ -86,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
         log.info("clip %s written", name)
 
     try:
-        summary = make_benchmark(list(cfg.photos), list(cfg.backgrounds), cfg.out, bcfg, overwrite=cfg.overwrite,
-                                 on_problem=on_problem, on_clip=on_clip, max_photo_pixels=cfg.max_photo_pixels,
-                                 min_subject_px=cfg.min_subject_px)
-    except ConfigMismatch as exc:
+        # two runs into one folder would race on its clips and benchmark.json, or mix two configurations
+        with OutputLock(cfg.out):
+            summary = make_benchmark(list(cfg.photos), list(cfg.backgrounds), cfg.out, bcfg,
+                                     overwrite=cfg.overwrite, on_problem=on_problem, on_clip=on_clip,
+                                     max_photo_pixels=cfg.max_photo_pixels, min_subject_px=cfg.min_subject_px)
+    except (ConfigMismatch, OutputLocked) as exc:
         raise UsageError(str(exc)) from exc
     print(f"{cfg.out}: {len(summary.written)} clip(s) written, {len(summary.skipped)} already there, "
           f"{len(summary.failed)} failed, {len(summary.rejected)} source(s) rejected")
