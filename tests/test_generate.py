@@ -385,21 +385,16 @@ def test_failed_clip_lists_its_photo_and_background(sources, tmp_path, monkeypat
 
 def test_cli_refuses_a_locked_output_and_takes_over_a_killed_run(ray_runtime, sources, tmp_path, capsys):
     from pipelines.cli import main
-    from tests.test_output_lock import holder, wait_held
+    from tests.test_output_lock import held_then_killed
 
     out = tmp_path / "locked"
     args = ["generate", "--photos", sources[0], "--backgrounds", sources[1], "--out", str(out), "--clips", "2",
             "--shard-size", "2", "--size", "128x72", "--frames", "4", "--no-progress"]
-    other = holder(str(out))
-    try:
-        wait_held(other)
+    with held_then_killed(str(out)) as other:
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "in use by another run" in err and f"pid {other.pid}" in err, err
         assert not (out / "clips").exists()  # refused before any work
-    finally:
-        other.kill()
-        other.wait()
     (out / "clips").mkdir()
     (out / "clips" / ".clips-00000000-00000001.parquet.0badc0de.tmp").write_bytes(b"left by SIGKILL")
     assert main(args) == 0

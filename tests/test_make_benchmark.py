@@ -177,24 +177,18 @@ def test_rerun_with_other_config_is_refused_and_same_config_resumes(bench):
 
 
 def test_an_output_in_use_by_another_run_is_refused_and_freed_after(tmp_path, capsys):
-    from tests.test_output_lock import holder, wait_held
+    from tests.test_output_lock import held_then_killed
 
     if not (PHOTOS[1].exists() and BACKGROUNDS.exists()):
         pytest.skip(f"sample data absent: {DATA}")
-
     out = tmp_path / "locked"
     args = ["make-benchmark", "--photos", str(PHOTOS[1]), "--backgrounds", str(BACKGROUNDS), "--out", str(out),
             "--clips", "1", "--frames", "3", "--size", f"{SIZE[0]}x{SIZE[1]}"]
-    other = holder(str(out))
-    try:
-        wait_held(other)
+    with held_then_killed(str(out)) as other:
         assert run_cli(args) == 2
         err = capsys.readouterr().err
         assert "in use by another run" in err and f"pid {other.pid}" in err, err
         assert not (out / "0000").exists() and not (out / "benchmark.json").exists()  # refused before any work
-    finally:
-        other.kill()
-        other.wait()
     assert run_cli(args) == 0  # the killed holder's lock is taken over
     assert (out / "0000" / "pha" / "0002.png").is_file() and not (out / "_lock.json").exists()
 

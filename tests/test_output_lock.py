@@ -1,6 +1,7 @@
 """The output lock between real processes, on a local folder and on the real S3 server."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -44,6 +46,18 @@ def holder(out: str, hold: float = 60.0, stale: float = 180.0, beat: float = 0.0
 def wait_held(proc: subprocess.Popen) -> None:
     line = proc.stdout.readline()
     assert line.startswith("held"), (line, proc.stderr.read() if proc.poll() is not None else "")
+
+
+@contextlib.contextmanager
+def held_then_killed(out: str) -> Iterator[subprocess.Popen]:
+    """Another process holds `out`'s lock inside the block; it is SIGKILLed at the end (its lock left behind)."""
+    other = holder(out)
+    try:
+        wait_held(other)
+        yield other
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
