@@ -1,7 +1,6 @@
 """`matting make-benchmark` on the real sample photos and background videos."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
