@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from matting_core import storage
 from pipelines.cli import main as cli
 from tests.conftest import REPO, shared_path
 
