@@ -205,6 +205,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     # then still waits for it.
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matting-batches")
     upcoming = loader.submit(batch_at, step) if step < recipe.steps else None
+    since_log = StepMeans()
     start_time, start_step = time.perf_counter(), step
     while step < recipe.steps:
         t0 = time.perf_counter()
@@ -218,9 +219,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         metrics["frames_per_s"] = ((step - start_step) * world * recipe.batch_size * recipe.frames
                                    / max(time.perf_counter() - start_time, 1e-9))
         metrics["skipped_clips"] = skipped
+        since_log.add(metrics)
         last = step == recipe.steps
         if tracker is not None and (step % recipe.log_every == 0 or last):
-            tracker.train(step, metrics, time.perf_counter() - start_time, step - start_step)
+            tracker.train(step, since_log.take(), time.perf_counter() - start_time, step - start_step)
         validate = bool(val_ids) and (last or (recipe.val_every and step % recipe.val_every == 0))
         keep = last or bool(recipe.checkpoint_every and step % recipe.checkpoint_every == 0)
         val: dict[str, float] = {}
@@ -234,6 +236,34 @@ def _train_worker(config: dict[str, Any]) -> None:
     loader.shutdown()
     if tracker is not None:
         tracker.finish(model, step, skipped)
+
+
+class StepMeans:
+    """Means of the per-step training metrics since the last `take` (the state ones, `lr`, `frames_per_s`
+    and `skipped_clips`, as of the last step): one step's loss is noise, the curve is their mean."""
+
+    LAST = ("lr", "frames_per_s", "skipped_clips")
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._steps = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        """Count one step's metrics."""
+        for k, v in metrics.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._last = dict(metrics)
+        self._steps += 1
+
+    def take(self) -> dict[str, float]:
+        """The means (and last values) of the steps added since the last call; starts a new window."""
+        out = {k: (self._last[k] if k in self.LAST else v / self._steps) for k, v in self._sums.items()}
+        self._reset()
+        return out
 
 
 def validation_batches(index, ids: list[int], recipe, prior_stream):
@@ -281,7 +311,8 @@ class _Tracker:
         self.client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
 
     def train(self, step: int, metrics: dict[str, float], elapsed: float, done: int) -> None:
-        """Log `train/<term>` and `train/loss` at `step`; print step, loss, frames/s and the time left."""
+        """Log `train/<term>` and `train/loss` (means over the steps since the last log) at `step`; print
+        step, loss, frames/s and the time left."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -373,3 +373,16 @@ def test_the_runs_dataset_input_is_logged_without_mlflows_ambiguity_warning(clip
     assert [str(w.message) for w in caught if "interpreted in multiple ways" in str(w.message)] == []
     inputs = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.source_type) for i in inputs] == [("clips", "local")]
+
+
+def test_the_logged_training_curve_is_the_mean_of_the_steps_since_the_last_log():
+    from pipelines.train import StepMeans
+
+    means = StepMeans()
+    for step, total in enumerate((1.0, 0.2, 0.3), 1):
+        means.add({"total": total, "l1": total / 2, "lr": 1e-3 * step, "frames_per_s": 10.0 + step,
+                   "skipped_clips": step // 3})
+    assert means.take() == pytest.approx({"total": 0.5, "l1": 0.25, "lr": 3e-3, "frames_per_s": 13.0,
+                                          "skipped_clips": 1})
+    means.add({"total": 0.5, "lr": 4e-3})
+    assert means.take() == {"total": 0.5, "lr": 4e-3}  # a new window
