@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # MLflow draws a progress bar for every artifact it downloads (a model, a loss curve): in a
+    # command's own output, a line of noise each
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

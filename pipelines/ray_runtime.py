@@ -21,12 +21,29 @@ _FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "
 # controller lives and warns whenever it cannot: with no dashboard (the local runtime starts none)
 # that is a warning a second for the whole run. Unanswered, it leaves the group alone, as it should.
 _NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Ray Train prints every report of every worker at INFO, metrics and all (two long lines per
+# validation step); its logger is named by the module's file path.
+_CHATTY_MODULES = ("ray.train.v2._internal.execution.context",)
+
+
+def _module_file(name: str) -> str | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)  # finds the file without importing the module
+    except ImportError:
+        return None
+    return spec.origin if spec is not None else None
 
 
 def quiet_worker_logs() -> None:
-    """Ray's worker_process_setup_hook: silence Ray's own warnings that repeat every second."""
+    """Ray's worker_process_setup_hook: silence Ray's own warnings that repeat every second and its per-report lines."""
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for module in _CHATTY_MODULES:
+        path = _module_file(module)
+        if path:
+            logging.getLogger(path).setLevel(logging.WARNING)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

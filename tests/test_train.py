@@ -338,20 +338,28 @@ def test_clip_index_reads_any_clip_by_id_as_iter_clips_does(clips):
     assert index.photo_key(records[0].clip_id) in PHOTOS
 
 
-def test_ray_workers_neither_repeat_the_cleaners_warning_nor_print_twice(ray_runtime):
+def test_ray_workers_neither_repeat_the_cleaners_warning_log_each_report_nor_print_twice(ray_runtime):
     """Every worker runs the setup hook: Ray Train's placement-group cleaner, which cannot reach the
-    dashboard's state API on a local runtime, does not warn once a second, and prints are not teed."""
+    dashboard's state API on a local runtime, does not warn once a second, reports are not logged
+    one long line each, and prints are not teed."""
     import logging
 
     from pipelines.ray_runtime import _NOISY_LOGGERS
 
     @ray_runtime.remote(num_cpus=0)
     def worker_view():
-        return ([logging.getLogger(name).isEnabledFor(logging.WARNING) for name in _NOISY_LOGGERS],
-                os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH"))
+        from ray.train.v2._internal.execution import context  # Ray Train's own logger, as it names it
 
-    warns, patch = ray_runtime.get(worker_view.remote())
-    assert warns == [False] * len(_NOISY_LOGGERS) and patch == "0"
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.INFO)  # as Ray Train sets up its workers' logging
+        try:
+            return ([logging.getLogger(name).isEnabledFor(logging.WARNING) for name in _NOISY_LOGGERS],
+                    context.logger.isEnabledFor(logging.INFO), os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH"))
+        finally:
+            root.setLevel(level)
+
+    warns, reports, patch = ray_runtime.get(worker_view.remote())
+    assert warns == [False] * len(_NOISY_LOGGERS) and not reports and patch == "0"
 
 
 def test_the_runs_dataset_input_is_logged_without_mlflows_ambiguity_warning(clips, tmp_path):
