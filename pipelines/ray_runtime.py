@@ -27,13 +27,16 @@ _CHATTY_MODULES = ("ray.train.v2._internal.execution.context",)
 
 
 def _module_file(name: str) -> str | None:
+    """The file of module `name` under its top-level package's folder, found without importing
+    anything (importing ray.train's packages would cost every Ray worker seconds at start)."""
     import importlib.util
 
-    try:
-        spec = importlib.util.find_spec(name)  # finds the file without importing the module
-    except ImportError:
+    top, _, rest = name.partition(".")
+    spec = importlib.util.find_spec(top)  # ray: already imported in a Ray worker
+    if spec is None or not spec.origin:
         return None
-    return spec.origin if spec is not None else None
+    path = os.path.join(os.path.dirname(spec.origin), *rest.split(".")) + ".py"
+    return path if os.path.isfile(path) else None
 
 
 def quiet_worker_logs() -> None:
