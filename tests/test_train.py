@@ -394,3 +394,13 @@ def test_the_logged_training_curve_is_the_mean_of_the_steps_since_the_last_log()
                                           "skipped_clips": 1})
     means.add({"total": 0.5, "lr": 4e-3})
     assert means.take() == {"total": 0.5, "lr": 4e-3}  # a new window
+
+
+def test_the_workers_setup_hook_imports_nothing_of_ray_train():
+    """Every Ray worker (generate's, infer's) runs the hook at start: importing ray.train there costs seconds."""
+    code = ("import sys, ray\n"
+            "from pipelines.ray_runtime import quiet_worker_logs\n"
+            "quiet_worker_logs()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ray.train')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
