@@ -21,32 +21,18 @@ _FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "
 # controller lives and warns whenever it cannot: with no dashboard (the local runtime starts none)
 # that is a warning a second for the whole run. Unanswered, it leaves the group alone, as it should.
 _NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-# Ray Train prints every report of every worker at INFO, metrics and all (two long lines per
-# validation step); its logger is named by the module's file path.
-_CHATTY_MODULES = ("ray.train.v2._internal.execution.context",)
-
-
-def _module_file(name: str) -> str | None:
-    """The file of module `name` under its top-level package's folder, found without importing
-    anything (importing ray.train's packages would cost every Ray worker seconds at start)."""
-    import importlib.util
-
-    top, _, rest = name.partition(".")
-    spec = importlib.util.find_spec(top)  # ray: already imported in a Ray worker
-    if spec is None or not spec.origin:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), *rest.split(".")) + ".py"
-    return path if os.path.isfile(path) else None
+# Ray Train logs every report of every worker at INFO, metrics and all (two long lines per
+# validation step), with a logger named by its module's file: this file, under ray's folder.
+_REPORTS_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
 
 
 def quiet_worker_logs() -> None:
     """Ray's worker_process_setup_hook: silence Ray's own warnings that repeat every second and its per-report lines."""
+    import ray  # already imported in a Ray worker; ray.train is not, and importing it costs seconds
+
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for module in _CHATTY_MODULES:
-        path = _module_file(module)
-        if path:
-            logging.getLogger(path).setLevel(logging.WARNING)
+    logging.getLogger(os.path.join(os.path.dirname(ray.__file__), *_REPORTS_LOGGER_FILE)).setLevel(logging.WARNING)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
