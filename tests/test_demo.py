@@ -35,6 +35,14 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     from pipelines.demo import DEMO_RECIPE
 
     assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
+    assert run.data.params["recipe.frames"] == "2" and run.data.params["recipe.batch_size"] == "4"
+    # the demo's clips are made at its own size, the benchmark at 512x288
+    from pipelines.demo import DEMO_CLIP_SIZE
+
+    for folder in ("clips", "val-clips"):
+        manifest = json.loads((out / folder / "manifest.json").read_text())
+        assert tuple(manifest["config"]["fakemotion"]["size"]) == DEMO_CLIP_SIZE == (256, 144), folder
+    assert json.loads((out / "benchmark" / "benchmark.json").read_text())["config"]["size"] == [512, 288]
     assert run.data.params["recipe.optim.encoder_lr_scale"] == "1.0"
     assert [v for v in run.data.params.values() if v == str(out / "val-clips")]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2
