@@ -205,10 +205,8 @@ def _claim_output(out: str) -> str | None:
 # from a random encoder: here every layer learns at one lr, with batch statistics (per worker on
 # CPUs). Frames of 192x96 buy more steps in the demo's minutes than 256x144, and keep the smaller
 # people that 128x72 loses; the network pads to multiples of 32, so 192x108 would cost 192x128.
-# Samples of 2 frames, 4 per worker: the same pixels per step as 2 of 4 frames, but twice the
-# people, poses and scenes in each batch (and in each batch-norm batch); the temporal terms still
-# see a frame pair. (The README's demo section has the measurements.)
-DEMO_RECIPE = {"bn": "sync", "frames": 2, "batch_size": 4, "tbptt": 2, "augment": {"size": [192, 96]},
+# (The README's demo section has the measurements.)
+DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]},
                "optim": {"lr": 2e-3, "encoder_lr_scale": 1.0, "freeze_stages": 0, "head_lr_scale": 1.0,
                          "calibration_lr_scale": 1.0, "warmup_steps": 30}}
 # The demo's clips are made at (W, H) 256x144, not generate's 512x288: training crops them to
@@ -256,8 +254,10 @@ def summary_text(cfg: DemoConfig, out: str, facts: dict, report: str, preview: s
              f"{cfg.videos} background videos"]
     if "steps" in facts:
         val = facts["val"]
+        curve = (f" ({val['val/curve_mad']:.1f} through the output curve fitted there, gain {val['val/curve_gain']:g})"
+                 if "val/curve_mad" in val else "")
         lines.append(f"  training   {facts['steps']} steps in {facts['train_seconds']:.0f} s; validation MAD "
-                     f"{val.get('val/mad', float('nan')):.1f}, dtSSD {val.get('val/dtssd', float('nan')):.2f}; "
+                     f"{val.get('val/mad', float('nan')):.1f}{curve}, dtSSD {val.get('val/dtssd', float('nan')):.2f}; "
                      f"loss curve {facts['loss_png']}")
         lines.append(f"  registry   models:/{cfg.model_name}/{facts['version']} (aliases candidate, champion)")
     if model:

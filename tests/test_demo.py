@@ -35,7 +35,7 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     from pipelines.demo import DEMO_RECIPE
 
     assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
-    assert run.data.params["recipe.frames"] == "2" and run.data.params["recipe.batch_size"] == "4"
+    assert "through the output curve fitted there" in summary and "val/curve_gain" in run.data.metrics
     # the demo's clips are made at its own size, the benchmark at 512x288
     from pipelines.demo import DEMO_CLIP_SIZE
 

@@ -206,6 +206,31 @@ def test_checkpoint_round_trip(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+@torch.no_grad()
+def test_the_output_curve_sharpens_the_clamped_alpha_only_and_is_kept_by_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    src, prior = _clip(t=2)
+    net = matting_net().eval()  # untrained: its alpha is the prior
+    assert net.config["output_curve"] == [1.0, 0.5]
+    net.set_output_curve(2.0, 0.4)
+    pha, _, _ = net(src, prior)
+    assert torch.allclose(pha, ((prior - 0.4) * 2.0 + 0.5).clamp(0, 1), atol=1e-6)
+    raw, _, _ = net(src, prior, None, 1.0, False)  # what the training losses take: no curve
+    assert torch.equal(raw, prior)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(net, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config["output_curve"] == [2.0, 0.4] and torch.equal(loaded(src, prior)[0], pha)
+    from matting_core.model.optimize import optimize_for_inference
+
+    assert torch.allclose(optimize_for_inference(net)(src, prior)[0], pha, atol=1e-5)
+    config = dict(net.config)
+    del config["output_curve"]  # checkpoints written before it existed
+    assert torch.equal(MattingNet(**config).eval()(src, prior)[0], prior)
+    with pytest.raises(ValueError, match="gain > 0"):
+        net.set_output_curve(0.0, 0.5)
+
+
 class _Payload:
     """An arbitrary class: a safe checkpoint loader must refuse to rebuild it."""
 

@@ -329,6 +329,16 @@ def test_evaluate_runs_in_eval_mode_and_restores_every_module_mode(batch):
     assert metrics["mad"] == pytest.approx(1e3 * float((batch.prior - batch.pha).abs().mean()), rel=1e-4)
 
 
+def test_the_output_curve_fit_undoes_a_soft_alpha_and_keeps_the_identity_for_an_exact_one(batch):
+    net = E.build_model(_cfg())  # untrained: its alpha is the prior
+    soft = dataclasses.replace(batch, prior=0.5 + (batch.pha - 0.5) * 0.4)  # the truth, squeezed towards 0.5
+    fit = E.fit_output_curve(net, [soft], _cfg(), "cpu")
+    assert (fit["gain"], fit["centre"]) == (2.5, 0.5) and fit["mad_curve"] < 1e-3 < 0.1 * fit["mad"]
+    assert net.config["output_curve"] == [1.0, 0.5] and net.training  # the model is left as it was
+    exact = E.fit_output_curve(net, [dataclasses.replace(batch, prior=batch.pha)], _cfg(), "cpu")
+    assert (exact["gain"], exact["centre"]) == (1.0, 0.5) and exact["mad"] == exact["mad_curve"] < 1e-3
+
+
 def _ddp_worker(rank: int, folder: str, bn: str = "frozen") -> None:
     """One of two DDP ranks: a step on its own random clip; saves its weights afterwards."""
     import torch.distributed as dist
@@ -420,6 +430,7 @@ def test_main_trains_validates_by_photo_and_writes_a_checkpoint_that_folds(datas
 
     net = load_checkpoint(result["checkpoint"])
     assert net.config["prior"] == resolve_prior_spec(None)
+    assert net.config["output_curve"] == [result["val/curve_gain"], result["val/curve_centre"]]  # fitted at the end
     extra = net.checkpoint_extra
     assert extra["step"] == 3 and recipe_from_dict(extra["recipe"]) == cfg
     assert {"optimizer", "scheduler", "data_position"} <= set(extra)

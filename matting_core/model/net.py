@@ -72,6 +72,11 @@ class MattingNet(nn.Module):
             Convolutions are not scale-invariant: `Matter` runs the network at this scale by
             default (its input downsampled, the output upsampled by the guided refiner), so a
             person at inference is as many pixels tall as the people it learned on.
+        output_curve: (gain, centre) of the contrast curve the clamped alpha goes through,
+            `clamp((alpha - centre) * gain + 0.5, 0, 1)`; (1, 0.5), the default, leaves it as it is.
+            Training fits it on validation clips after the last step (`engine.fit_output_curve`):
+            a briefly trained net's alpha is too soft on people it has not seen, and one monotone
+            curve is the cheapest correction. Not applied with `clamp=False` (the training losses).
 
     Shapes: `src` `[B,T,3,H,W]` (or `[B,3,H,W]`), `prior` `[B,T,1,H,W]` (or `[B,1,H,W]`), values in
     [0,1], any H and W. Returns `pha` `[B,T,1,H,W]` and `fgr` `[B,T,3,H,W]` in [0,1] (4-D for 4-D
@@ -90,7 +95,8 @@ class MattingNet(nn.Module):
                  prior: Optional[Dict[str, Any]] = None,
                  arch: int = ARCH_VERSION,
                  prior_calibration: int = 11,
-                 work_side: Optional[int] = None) -> None:
+                 work_side: Optional[int] = None,
+                 output_curve: Sequence[float] = (1.0, 0.5)) -> None:
         super().__init__()
         if arch not in (1, 2):
             raise ValueError(f"arch must be 1 or 2, got {arch!r}")
@@ -108,6 +114,8 @@ class MattingNet(nn.Module):
             "prior_calibration": int(prior_calibration),
             "work_side": None if work_side is None else int(work_side),
         }
+        self.curve_gain, self.curve_centre = 1.0, 0.5
+        self.set_output_curve(*output_curve)
         if work_side is not None and int(work_side) < 32:
             raise ValueError(f"work_side must be at least 32 px, got {work_side!r}")
         self.arch = int(arch)
@@ -149,6 +157,14 @@ class MattingNet(nn.Module):
         nn.init.zeros_(self.output_conv.bias)
         self.refiner = GuidedRefiner(refine_radius, refine_eps)
         self.calibration = PriorCalibration(prior_calibration) if prior_calibration else None
+
+    @torch.jit.unused
+    def set_output_curve(self, gain: float, centre: float) -> None:
+        """Make alpha go through `clamp((alpha - centre) * gain + 0.5, 0, 1)` (recorded in `config`)."""
+        if not gain > 0 or not 0.0 <= centre <= 1.0:
+            raise ValueError(f"output_curve needs gain > 0 and centre in [0, 1], got ({gain}, {centre})")
+        self.curve_gain, self.curve_centre = float(gain), float(centre)
+        self.config["output_curve"] = [self.curve_gain, self.curve_centre]
 
     @property
     def encoder(self) -> nn.Sequential:
@@ -262,6 +278,8 @@ class MattingNet(nn.Module):
         if clamp:
             pha = pha.clamp(0.0, 1.0)
             fgr = fgr.clamp(0.0, 1.0)
+            if self.curve_gain != 1.0 or self.curve_centre != 0.5:
+                pha = ((pha - self.curve_centre) * self.curve_gain + 0.5).clamp(0.0, 1.0)
         return pha, fgr, new_state
 
 

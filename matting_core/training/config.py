@@ -159,6 +159,9 @@ class RecipeConfig:
         val_clips: at most this many validation clips per evaluation.
         shuffle_buffer: clips held for shuffling while streaming a dataset.
         bn_calibration_batches: training batches used to estimate frozen batch-norm statistics.
+        fit_output_curve: after the last step, fit the model's output contrast curve
+            (`MattingNet.set_output_curve`) on the validation clips (`engine.fit_output_curve`);
+            the model trained and the one registered then differ only by it.
     """
 
     model: dict = field(default_factory=dict)
@@ -182,6 +185,7 @@ class RecipeConfig:
     val_clips: int = 64
     shuffle_buffer: int = 16
     bn_calibration_batches: int = 4
+    fit_output_curve: bool = True
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:

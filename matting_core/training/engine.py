@@ -39,7 +39,8 @@ from matting_core.training.config import RecipeConfig, recipe_to_dict
 from matting_core.training.losses import matting_losses
 
 __all__ = ["unwrap", "build_model", "build_optimizer", "lr_factor", "set_train_mode", "prepare_batch_norm",
-           "calibrate_batch_norm", "predict", "train_step", "evaluate", "train_one_epoch", "split_by_photo",
+           "calibrate_batch_norm", "predict", "train_step", "evaluate", "fit_output_curve", "train_one_epoch",
+           "split_by_photo",
            "build_prior_stream", "checkpoint_extra", "save_training_checkpoint", "restore_training_checkpoint",
            "latest_checkpoint", "main", "VAL_METRICS"]
 
@@ -287,6 +288,47 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, devi
     return {"loss": loss_sum / clips, **{k: v / clips for k, v in metric_sums.items()}, "clips": clips}
 
 
+CURVE_GAINS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+CURVE_CENTRES = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def fit_output_curve(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, device,
+                     gains: Iterable[float] = CURVE_GAINS, centres: Iterable[float] = CURVE_CENTRES) -> dict[str, float]:
+    """The (gain, centre) of `MattingNet.set_output_curve` with the lowest MAD on `batches` (whole clips).
+
+    Returns `{"gain", "centre", "mad", "mad_curve"}` (MAD x 1e3 over the pixels, before and after);
+    the identity (1, 0.5) is always a candidate, so the curve never raises the MAD on these clips.
+    The model is run as it is (any curve it already has is not applied) and is not changed.
+    """
+    device = torch.device(device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    preds, trues = [], []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = batch.to(device)
+                with _amp(cfg, device):
+                    pha, _, _ = predict(model, batch.src, batch.prior)
+                # every k-th pixel, at most about a million per batch: the fit has two numbers
+                stride = 1 + pha.numel() // 1_000_000
+                preds.append(pha.float().clamp(0.0, 1.0).flatten()[::stride].cpu())
+                trues.append(batch.pha.float().flatten()[::stride].cpu())
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not preds:
+        raise ValueError("fit_output_curve: no batches")
+    pred, true = torch.cat(preds), torch.cat(trues)
+    scores = {(1.0, 0.5): float((pred - true).abs().mean())}
+    for gain in gains:
+        for centre in centres:
+            curved = ((pred - centre) * gain + 0.5).clamp(0.0, 1.0)
+            scores[(float(gain), float(centre))] = float((curved - true).abs().mean())
+    gain, centre = min(scores, key=lambda k: (scores[k], k != (1.0, 0.5)))  # a tie keeps the identity
+    return {"gain": gain, "centre": centre, "mad": scores[(1.0, 0.5)] * 1e3, "mad_curve": scores[(gain, centre)] * 1e3}
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterable[Batch], cfg: RecipeConfig,
                     device, step: int, on_step: Callable[[int, dict], Any] | None = None) -> int:
@@ -384,6 +426,7 @@ def restore_training_checkpoint(path: str, model: nn.Module, optimizer, schedule
         raise ValueError(f"{path} was written by another recipe config; resume with that config "
                          f"or train into another folder")
     unwrap(model).load_state_dict(ckpt["state_dict"])
+    unwrap(model).set_output_curve(*ckpt["config"].get("output_curve", (1.0, 0.5)))  # fitted at the end
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     return extra
@@ -514,6 +557,14 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
         step = new_step
         if step < cfg.steps:  # the epoch ended (a resumed one may have had nothing left)
             epoch, epoch_start = epoch + 1, step
+    if val_set and cfg.fit_output_curve:
+        curve = fit_output_curve(model, val_batches(), cfg, device)
+        unwrap(model).set_output_curve(curve["gain"], curve["centre"])
+        last_val.update(curve_gain=curve["gain"], curve_centre=curve["centre"], curve_mad=curve["mad_curve"])
+        say(f"output curve: gain {curve['gain']} centre {curve['centre']}: val mad {curve['mad']:.4g} -> "
+            f"{curve['mad_curve']:.4g}")
+        if out_dir:
+            checkpoint_path = save(step)
     if out_dir and checkpoint_path is None:
         checkpoint_path = latest_checkpoint(out_dir)
     return {"step": step, **_train_names(last_train),
