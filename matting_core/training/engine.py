@@ -40,9 +40,8 @@ from matting_core.training.losses import matting_losses
 
 __all__ = ["unwrap", "build_model", "build_optimizer", "lr_factor", "set_train_mode", "prepare_batch_norm",
            "calibrate_batch_norm", "predict", "train_step", "evaluate", "fit_output_curve", "train_one_epoch",
-           "split_by_photo",
-           "build_prior_stream", "checkpoint_extra", "save_training_checkpoint", "restore_training_checkpoint",
-           "latest_checkpoint", "main", "VAL_METRICS"]
+           "split_by_photo", "build_prior_stream", "checkpoint_extra", "save_training_checkpoint",
+           "restore_training_checkpoint", "latest_checkpoint", "main", "VAL_METRICS"]
 
 VAL_METRICS = ("mad", "mse", "grad", "dtssd")
 _ORDER_STREAM = 0x0D3E  # separates the clip-order stream from sample and split streams
