@@ -143,8 +143,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     from matting_core.runtime import set_cpu_threads
     from matting_core.training.batches import RECORD_COLUMNS, collate, draw_window, make_sample, sample_rng
     from matting_core.training.engine import (build_model, build_optimizer, build_prior_stream, calibrate_batch_norm,
-                                              evaluate, fit_output_curve, prepare_batch_norm,
-                                              restore_training_checkpoint, train_step)
+                                              evaluate, prepare_batch_norm, restore_training_checkpoint,
+                                              set_fitted_output_curve, train_step)
 
     job: TrainJob = config["job"]
     recipe = config["recipe"]
@@ -231,9 +231,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             val = evaluate(model, itertools.islice(val_batches(), _val_batches(recipe)), recipe, device)
             best = {k: min(v, best.get(k, v)) for k, v in val.items()}
             if last and recipe.fit_output_curve:  # before the last checkpoint and the registered model
-                curve = fit_output_curve(model, itertools.islice(val_batches(), _val_batches(recipe)), recipe, device)
-                model.set_output_curve(curve["gain"], curve["centre"])
-                val.update(curve_gain=curve["gain"], curve_centre=curve["centre"], curve_mad=curve["mad_curve"])
+                val.update(set_fitted_output_curve(model, itertools.islice(val_batches(), _val_batches(recipe)),
+                                                   recipe, device))
             tracker.val(step, val, model, next(val_batches()), device)
         if validate or keep:  # a barrier: every rank reports at the same steps
             _report(model, optimizer, scheduler, recipe, step, config, rank, keep,

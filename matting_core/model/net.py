@@ -279,7 +279,7 @@ class MattingNet(nn.Module):
             pha = pha.clamp(0.0, 1.0)
             fgr = fgr.clamp(0.0, 1.0)
             if self.curve_gain != 1.0 or self.curve_centre != 0.5:
-                pha = ((pha - self.curve_centre) * self.curve_gain + 0.5).clamp(0.0, 1.0)
+                pha = output_curve(pha, self.curve_gain, self.curve_centre)
         return pha, fgr, new_state
 
 
@@ -387,6 +387,11 @@ class LightDecoderLevel(nn.Module):
                            align_corners=False)
         gated = self.gate(skip, up[:, self.out_channels:])
         return self.block(self.merge(gated) + up[:, :self.out_channels])
+
+
+def output_curve(pha: torch.Tensor, gain: float, centre: float) -> torch.Tensor:
+    """Alpha in [0,1] through `MattingNet`'s output contrast curve, `clamp((pha - centre) * gain + 0.5, 0, 1)`."""
+    return ((pha - centre) * gain + 0.5).clamp(0.0, 1.0)
 
 
 def downsample(x: torch.Tensor, ratio: float) -> torch.Tensor:

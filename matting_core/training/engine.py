@@ -32,6 +32,7 @@ from matting_core import storage
 from matting_core.data.clips import ClipRecord, iter_clips
 from matting_core.evaluation.metrics import SequenceMetrics
 from matting_core.model import MattingNet, matting_net, read_checkpoint, save_checkpoint
+from matting_core.model.net import output_curve
 from matting_core.prior import PriorStream, prior_stream_from_spec, resolve_prior_spec
 from matting_core.runtime import resolve_device
 from matting_core.training.batches import RECORD_COLUMNS, Batch, iter_batches, shuffled
@@ -39,8 +40,8 @@ from matting_core.training.config import RecipeConfig, recipe_to_dict
 from matting_core.training.losses import matting_losses
 
 __all__ = ["unwrap", "build_model", "build_optimizer", "lr_factor", "set_train_mode", "prepare_batch_norm",
-           "calibrate_batch_norm", "predict", "train_step", "evaluate", "fit_output_curve", "train_one_epoch",
-           "split_by_photo", "build_prior_stream", "checkpoint_extra", "save_training_checkpoint",
+           "calibrate_batch_norm", "predict", "train_step", "evaluate", "fit_output_curve", "set_fitted_output_curve",
+           "train_one_epoch", "split_by_photo", "build_prior_stream", "checkpoint_extra", "save_training_checkpoint",
            "restore_training_checkpoint", "latest_checkpoint", "main", "VAL_METRICS"]
 
 VAL_METRICS = ("mad", "mse", "grad", "dtssd")
@@ -146,6 +147,18 @@ def prepare_batch_norm(model: nn.Module, cfg: RecipeConfig) -> nn.Module:
     if cfg.bn == "sync" and on_gpu and torch.distributed.is_available() and torch.distributed.is_initialized():
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """`model` in eval mode inside the block; every module's own mode restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _amp(cfg: RecipeConfig, device: torch.device):
@@ -257,11 +270,9 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, devi
     The model runs in eval mode; every module's mode is restored afterwards.
     """
     device = torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     loss_sum, clips = 0.0, 0
     metric_sums = dict.fromkeys(VAL_METRICS, 0.0)
-    try:
+    with _eval_mode(model):
         for batch in batches:
             batch = batch.to(device)
             B = batch.src.shape[0]
@@ -279,9 +290,6 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, devi
                 for name, value in seq.summary().items():
                     metric_sums[name] += value
             clips += B
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if clips == 0:
         return {"loss": float("nan"), **{k: float("nan") for k in VAL_METRICS}, "clips": 0}
     return {"loss": loss_sum / clips, **{k: v / clips for k, v in metric_sums.items()}, "clips": clips}
@@ -300,32 +308,34 @@ def fit_output_curve(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConf
     The model is run as it is (any curve it already has is not applied) and is not changed.
     """
     device = torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     preds, trues = [], []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                batch = batch.to(device)
-                with _amp(cfg, device):
-                    pha, _, _ = predict(model, batch.src, batch.prior)
-                # every k-th pixel, at most about a million per batch: the fit has two numbers
-                stride = 1 + pha.numel() // 1_000_000
-                preds.append(pha.float().clamp(0.0, 1.0).flatten()[::stride].cpu())
-                trues.append(batch.pha.float().flatten()[::stride].cpu())
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with _eval_mode(model), torch.no_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            with _amp(cfg, device):
+                pha, _, _ = predict(model, batch.src, batch.prior)
+            # every k-th pixel, at most about a million per batch: the fit has two numbers
+            stride = 1 + pha.numel() // 1_000_000
+            preds.append(pha.float().clamp(0.0, 1.0).flatten()[::stride].cpu())
+            trues.append(batch.pha.float().flatten()[::stride].cpu())
     if not preds:
         raise ValueError("fit_output_curve: no batches")
     pred, true = torch.cat(preds), torch.cat(trues)
     scores = {(1.0, 0.5): float((pred - true).abs().mean())}
     for gain in gains:
         for centre in centres:
-            curved = ((pred - centre) * gain + 0.5).clamp(0.0, 1.0)
+            curved = output_curve(pred, gain, centre)
             scores[(float(gain), float(centre))] = float((curved - true).abs().mean())
     gain, centre = min(scores, key=lambda k: (scores[k], k != (1.0, 0.5)))  # a tie keeps the identity
     return {"gain": gain, "centre": centre, "mad": scores[(1.0, 0.5)] * 1e3, "mad_curve": scores[(gain, centre)] * 1e3}
+
+
+def set_fitted_output_curve(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, device) -> dict[str, float]:
+    """Fit the output curve on `batches` (`fit_output_curve`) and set it on the (unwrapped) model;
+    returns the `val/` metrics `curve_gain`, `curve_centre` and `curve_mad`."""
+    curve = fit_output_curve(model, batches, cfg, device)
+    unwrap(model).set_output_curve(curve["gain"], curve["centre"])
+    return {"curve_gain": curve["gain"], "curve_centre": curve["centre"], "curve_mad": curve["mad_curve"]}
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -557,11 +567,9 @@ def main(cfg: RecipeConfig, data: str, val_data: str | None = None, out_dir: str
         if step < cfg.steps:  # the epoch ended (a resumed one may have had nothing left)
             epoch, epoch_start = epoch + 1, step
     if val_set and cfg.fit_output_curve:
-        curve = fit_output_curve(model, val_batches(), cfg, device)
-        unwrap(model).set_output_curve(curve["gain"], curve["centre"])
-        last_val.update(curve_gain=curve["gain"], curve_centre=curve["centre"], curve_mad=curve["mad_curve"])
-        say(f"output curve: gain {curve['gain']} centre {curve['centre']}: val mad {curve['mad']:.4g} -> "
-            f"{curve['mad_curve']:.4g}")
+        curve = set_fitted_output_curve(model, val_batches(), cfg, device)
+        last_val.update(curve)
+        say("output curve: " + " ".join(f"{k} {v:.4g}" for k, v in curve.items()))
         if out_dir:
             checkpoint_path = save(step)
     if out_dir and checkpoint_path is None:
