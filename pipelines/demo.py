@@ -1,8 +1,9 @@
 """`matting demo`: the whole trained chain on embedded defaults, offline, on a laptop, in minutes.
 
-1. procedural sources: person-like photos with soft hair edges (some held out), moving backgrounds;
+1. procedural sources: person-like photos with soft hair edges, moving backgrounds; two more sets
+   of people and scenes held out, one to validate on, one for the benchmark;
 2. `generate`: a fake-motion clip dataset on a local Ray runtime, and validation clips of the
-   held-out people over the held-out scenes;
+   validation people over their scenes (at the benchmark's size);
 3. `train`: the `cpu-small` recipe with `DEMO_RECIPE`'s changes for a few minutes on Ray Train
    (2 workers), tracked in a local MLflow store and registered with alias `candidate`;
 4. `promote`: that version becomes `champion`;
@@ -32,13 +33,15 @@ class DemoConfig:
 
     out: str = option("demo-output", "output folder", metavar="DIR")
     clips: PositiveInt = option(192, "training clips to generate", metavar="N")
-    val_clips: PositiveInt = option(16, "validation clips to generate (of the held-out people)", metavar="N")
+    val_clips: PositiveInt = option(16, "validation clips to generate (of people of their own)", metavar="N")
     workers: PositiveInt = option(2, "Ray workers (generate, train)", metavar="N")
     seed: NonNegativeInt = option(0, "seed of the sources, the dataset and the benchmark", metavar="S")
     photos: PositiveInt = option(96, "procedural photos to train on", metavar="N")
-    held_out: PositiveInt = option(4, "procedural photos held out for the benchmark", metavar="N")
+    held_out: PositiveInt = option(4, "procedural photos held out for the benchmark (as many for validation)",
+                                   metavar="N")
     videos: PositiveInt = option(8, "procedural background videos to train on", metavar="N")
-    held_out_videos: PositiveInt = option(3, "procedural background videos held out for the benchmark", metavar="N")
+    held_out_videos: PositiveInt = option(3, "procedural background videos held out for the benchmark "
+                                          "(as many for validation)", metavar="N")
     steps: PositiveInt = option(300, "training steps (cpu-small preset with DEMO_RECIPE)", metavar="K")
     benchmark_clips: PositiveInt = option(3, "benchmark clips", metavar="N")
     benchmark_frames: Annotated[int, Interval(ge=2)] = option(24, "frames per benchmark clip", metavar="T")
@@ -117,6 +120,10 @@ def run_demo(cfg: DemoConfig) -> int:
     src = write_sources(os.path.join(out, "sources", "train"), photos=cfg.photos, videos=cfg.videos, seed=cfg.seed)
     held = write_sources(os.path.join(out, "sources", "held-out"), photos=cfg.held_out, videos=cfg.held_out_videos,
                          seed=cfg.seed + 1000)
+    # Validation has people and scenes of its own: what it fits at the end (the output settings)
+    # is then measured on the benchmark's people without ever having seen them.
+    val_src = write_sources(os.path.join(out, "sources", "val"), photos=cfg.held_out, videos=cfg.held_out_videos,
+                            seed=cfg.seed + 2000)
 
     print(f"[{next(step)}/{stages}] matting generate -> {out}/clips")
     gen = GenerateConfig(photos=(src["photos"],), backgrounds=(src["backgrounds"],),
@@ -128,11 +135,12 @@ def run_demo(cfg: DemoConfig) -> int:
     statuses = [summary.status]
     if summary.status == 1:
         return 1
-    # Validation watches the held-out people over the held-out scenes, as the benchmark does, so
-    # every training clip trains (the final model is registered whatever validation says).
-    val = run_generate(dataclasses.replace(gen, photos=(held["photos"],), backgrounds=(held["backgrounds"],),
+    # Validation watches people and scenes no training clip has, so every training clip trains
+    # (the final model is registered whatever validation says); its clips are made at the
+    # benchmark's size, where the fit after the last step sees the refiner upsample as it will.
+    val = run_generate(dataclasses.replace(gen, photos=(val_src["photos"],), backgrounds=(val_src["backgrounds"],),
                                            out=os.path.join(out, "val-clips"), clips=cfg.val_clips,
-                                           seed=cfg.seed + 1))
+                                           seed=cfg.seed + 1, fakemotion=FakeMotionConfig(size=BENCHMARK_SIZE)))
     statuses.append(val.status)
     if val.status == 1:
         print(val.message)
@@ -150,7 +158,8 @@ def run_demo(cfg: DemoConfig) -> int:
     print(f"[{next(step)}/{stages}] matting make-benchmark (held-out people) -> {bench}")
     statuses.append(cli(["make-benchmark", "--photos", held["photos"], "--backgrounds", held["backgrounds"],
                          "--out", bench, "--clips", str(cfg.benchmark_clips),
-                         "--frames", str(cfg.benchmark_frames), "--size", "512x288", "--seed", str(cfg.seed)]))
+                         "--frames", str(cfg.benchmark_frames), "--size", "x".join(map(str, BENCHMARK_SIZE)),
+                         "--seed", str(cfg.seed)]))
     if statuses[-1] == 1:
         return 1
 
@@ -211,8 +220,10 @@ DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]},
                          "calibration_lr_scale": 1.0, "warmup_steps": 30}}
 # The demo's clips are made at (W, H) 256x144, not generate's 512x288: training crops them to
 # 192x96 anyway, and every sample decodes its frames and runs the prior stream at the clip's size
-# (nearer the 192x108 the model's prior runs at when it mattes). The benchmark stays at 512x288.
+# (nearer the 192x108 the model's prior runs at when it mattes). The benchmark and the
+# validation clips are (W, H) BENCHMARK_SIZE.
 DEMO_CLIP_SIZE = (256, 144)
+BENCHMARK_SIZE = (512, 288)
 
 
 def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: dict) -> tuple[str, int]:
@@ -254,8 +265,9 @@ def summary_text(cfg: DemoConfig, out: str, facts: dict, report: str, preview: s
              f"{cfg.videos} background videos"]
     if "steps" in facts:
         val = facts["val"]
-        curve = (f" ({val['val/curve_mad']:.1f} through the output curve fitted there, gain {val['val/curve_gain']:g})"
-                 if "val/curve_mad" in val else "")
+        curve = (f" ({val['val/fitted_mad']:.1f} at full size through the refiner radius "
+                 f"{val['val/refine_radius']:g} and output curve gain {val['val/curve_gain']:g} fitted there)"
+                 if "val/fitted_mad" in val else "")
         lines.append(f"  training   {facts['steps']} steps in {facts['train_seconds']:.0f} s; validation MAD "
                      f"{val.get('val/mad', float('nan')):.1f}{curve}, dtSSD {val.get('val/dtssd', float('nan')):.2f}; "
                      f"loss curve {facts['loss_png']}")

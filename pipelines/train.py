@@ -144,7 +144,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from matting_core.training.batches import RECORD_COLUMNS, collate, draw_window, make_sample, sample_rng
     from matting_core.training.engine import (build_model, build_optimizer, build_prior_stream, calibrate_batch_norm,
                                               evaluate, prepare_batch_norm, restore_training_checkpoint,
-                                              set_fitted_output_curve, train_step)
+                                              set_fitted_output, train_step)
 
     job: TrainJob = config["job"]
     recipe = config["recipe"]
@@ -181,8 +181,8 @@ def _train_worker(config: dict[str, Any]) -> None:
                 continue
         return collate(samples) if samples else batch_at(s, draw + 1)
 
-    def val_batches():
-        return validation_batches(val_index, val_ids, recipe, val_prior_stream)
+    def val_batches(native_size: bool = False):
+        return validation_batches(val_index, val_ids, recipe, val_prior_stream, native_size)
 
     model = build_model(recipe).to(device)
     optimizer, scheduler = build_optimizer(model, recipe)
@@ -230,9 +230,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         if validate and rank == 0:  # the unwrapped model: DDP's forward would wait for the other ranks
             val = evaluate(model, itertools.islice(val_batches(), _val_batches(recipe)), recipe, device)
             best = {k: min(v, best.get(k, v)) for k, v in val.items()}
-            if last and recipe.fit_output_curve:  # before the last checkpoint and the registered model
-                val.update(set_fitted_output_curve(model, itertools.islice(val_batches(), _val_batches(recipe)),
-                                                   recipe, device))
+            if last and recipe.fit_output:  # before the last checkpoint and the registered model
+                val.update(set_fitted_output(model, itertools.islice(val_batches(native_size=True),
+                                                                     _val_batches(recipe)), recipe, device))
             tracker.val(step, val, model, next(val_batches()), device)
         if validate or keep:  # a barrier: every rank reports at the same steps
             _report(model, optimizer, scheduler, recipe, step, config, rank, keep,
@@ -270,12 +270,13 @@ class StepMeans:
         return out
 
 
-def validation_batches(index, ids: list[int], recipe, prior_stream):
-    """Batches of the validation clips `ids`, whole and unaugmented, with the prior as inference computes it."""
+def validation_batches(index, ids: list[int], recipe, prior_stream, native_size: bool = False):
+    """Batches of the validation clips `ids`, whole and unaugmented (scaled to the training size, or at their
+    own with `native_size`), with the prior as inference computes it."""
     from matting_core.training.batches import RECORD_COLUMNS, iter_batches
 
     records = (index.read(c, RECORD_COLUMNS, frames=slice(0, recipe.frames)) for c in ids)  # the samples' window
-    return iter_batches(records, recipe, prior_stream, augment=False, drop_last=False)
+    return iter_batches(records, recipe, prior_stream, augment=False, drop_last=False, native_size=native_size)
 
 
 def _val_batches(recipe) -> int:

@@ -35,14 +35,19 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     from pipelines.demo import DEMO_RECIPE
 
     assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
-    assert "through the output curve fitted there" in summary and "val/curve_gain" in run.data.metrics
-    # the demo's clips are made at its own size, the benchmark at 512x288
-    from pipelines.demo import DEMO_CLIP_SIZE
+    assert "output curve gain" in summary and "val/curve_gain" in run.data.metrics
+    assert "val/refine_radius" in run.data.metrics and "val/fitted_mad" in run.data.metrics
+    # the demo's training clips are made at its own size, validation and the benchmark at 512x288
+    from pipelines.demo import BENCHMARK_SIZE, DEMO_CLIP_SIZE
 
-    for folder in ("clips", "val-clips"):
-        manifest = json.loads((out / folder / "manifest.json").read_text())
-        assert tuple(manifest["config"]["fakemotion"]["size"]) == DEMO_CLIP_SIZE == (256, 144), folder
+    sizes = {folder: tuple(json.loads((out / folder / "manifest.json").read_text())["config"]["fakemotion"]["size"])
+             for folder in ("clips", "val-clips")}
+    assert sizes == {"clips": DEMO_CLIP_SIZE, "val-clips": BENCHMARK_SIZE} and DEMO_CLIP_SIZE == (256, 144)
     assert json.loads((out / "benchmark" / "benchmark.json").read_text())["config"]["size"] == [512, 288]
+    # validation, training and the benchmark have people of their own
+    photos = {name: {p.read_bytes() for p in (out / "sources" / name / "photos").rglob("*.png")}
+              for name in ("train", "val", "held-out")}
+    assert all(photos.values()) and not (photos["val"] & photos["held-out"]) and not (photos["val"] & photos["train"])
     assert run.data.params["recipe.optim.encoder_lr_scale"] == "1.0"
     assert [v for v in run.data.params.values() if v == str(out / "val-clips")]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2

@@ -149,11 +149,20 @@ def test_large_frame_goes_through_the_downsample_path(net):
     assert 0.0 <= res.pha.min() and res.pha.max() <= 1.0
 
 
-def test_cpu_refiner_equals_the_networks_own_downsample_path(net):
-    """On the CPU, below full resolution, the refiner runs with OpenCV (refine_frame): the mattes of net(..., downsample_ratio)."""
+@pytest.mark.parametrize("fitted", [False, True], ids=["as-built", "fitted-radius-and-curve"])
+def test_cpu_refiner_equals_the_networks_own_downsample_path(net, fitted):
+    """On the CPU, below full resolution, the refiner runs with OpenCV (refine_frame): the mattes of net(..., downsample_ratio),
+    with the refiner radius and output curve training fits (the curve after the refiner, as in the net)."""
     if not STREET.exists():
         pytest.skip(f"{STREET} absent")
+    import copy
+
     from matting_core.video.writers import quantize_alpha
+
+    if fitted:
+        net = copy.deepcopy(net)
+        net.set_refine_radius(3)
+        net.set_output_curve(3.0, 0.45)
 
     frames = list(itertools.islice(iter_frames(str(STREET)), 3))
     matter = Matter(net, PriorStream(ConstantPrior(0.5)), device="cpu")

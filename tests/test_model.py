@@ -224,11 +224,31 @@ def test_the_output_curve_sharpens_the_clamped_alpha_only_and_is_kept_by_checkpo
     from matting_core.model.optimize import optimize_for_inference
 
     assert torch.allclose(optimize_for_inference(net)(src, prior)[0], pha, atol=1e-5)
+    # below full resolution the curve shapes the refined alpha, not the network's low-resolution one
+    refined = net(src, prior, None, 0.5)[0]
+    net.set_output_curve(1.0, 0.5)
+    assert torch.allclose(refined, ((net(src, prior, None, 0.5)[0] - 0.4) * 2.0 + 0.5).clamp(0, 1), atol=1e-6)
+    net.set_output_curve(2.0, 0.4)
     config = dict(net.config)
     del config["output_curve"]  # checkpoints written before it existed
     assert torch.equal(MattingNet(**config).eval()(src, prior)[0], prior)
     with pytest.raises(ValueError, match="gain > 0"):
         net.set_output_curve(0.0, 0.5)
+
+
+def test_the_refiner_radius_is_set_recorded_and_kept_by_checkpoints(tmp_path):
+    src, prior = torch.rand(1, 2, 3, 64, 96), torch.rand(1, 2, 1, 64, 96)
+    net = matting_net().eval()
+    before = net(src, prior, None, 0.5)[0]
+    net.set_refine_radius(3)
+    after = net(src, prior, None, 0.5)[0]
+    assert net.config["refine_radius"] == 3 and not torch.allclose(before, after)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(net, path)
+    loaded = load_checkpoint(path)
+    assert loaded.refiner.filter.radius == 3 and torch.equal(loaded(src, prior, None, 0.5)[0], after)
+    with pytest.raises(ValueError, match="positive integer"):
+        net.set_refine_radius(0)
 
 
 class _Payload:

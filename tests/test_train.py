@@ -104,15 +104,17 @@ def test_two_workers_train_track_register_and_the_registry_reproduces_the_run(cl
             "from pipelines.model_ref import load_model\n"
             "from pipelines.train import probe_outputs\n"
             "net = load_model('models:/test-matting@candidate')\n"
-            "np.savez(sys.argv[1], curve=np.array(net.config['output_curve']), **probe_outputs(net))\n")
+            "np.savez(sys.argv[1], curve=np.array(net.config['output_curve']),\n"
+            "         radius=np.array(net.config['refine_radius']), **probe_outputs(net))\n")
     out = tmp_path / "fresh.npz"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, check=True, capture_output=True)
     recorded, fresh = np.load(probe), np.load(out)
     for key in recorded.files:
         np.testing.assert_allclose(fresh[key], recorded[key], atol=1e-6)
-    # with the output curve fitted on the validation clips after the last step
+    # with the refiner radius and output curve fitted on the validation clips after the last step
     assert list(fresh["curve"]) == [run.data.metrics["val/curve_gain"], run.data.metrics["val/curve_centre"]]
+    assert int(fresh["radius"]) == run.data.metrics["val/refine_radius"]
 
     # The same command again: the finished run reports itself and exits 0.
     capsys.readouterr()

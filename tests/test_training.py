@@ -18,7 +18,7 @@ from matting_core.prior import ConstantPrior, PriorStream, resolve_prior_spec
 from matting_core.training import (AugmentConfig, LossWeights, OptimConfig, RecipeConfig, PRESETS, collate,
                                    make_sample, matting_losses, recipe_from_dict, recipe_to_dict, sample_rng, warp)
 from matting_core.training import engine as E
-from matting_core.training.batches import RECORD_COLUMNS
+from matting_core.training.batches import RECORD_COLUMNS, iter_batches
 
 from tests.conftest import shared_path
 
@@ -329,14 +329,34 @@ def test_evaluate_runs_in_eval_mode_and_restores_every_module_mode(batch):
     assert metrics["mad"] == pytest.approx(1e3 * float((batch.prior - batch.pha).abs().mean()), rel=1e-4)
 
 
-def test_the_output_curve_fit_undoes_a_soft_alpha_and_keeps_the_identity_for_an_exact_one(batch):
-    net = E.build_model(_cfg())  # untrained: its alpha is the prior
+def test_the_output_fit_undoes_a_soft_alpha_and_keeps_the_identity_for_an_exact_one(batch):
+    net = E.build_model(_cfg())  # untrained: its alpha is the prior; frames at the work side: no refiner
     soft = dataclasses.replace(batch, prior=0.5 + (batch.pha - 0.5) * 0.4)  # the truth, squeezed towards 0.5
-    fit = E.fit_output_curve(net, [soft], _cfg(), "cpu")
-    assert (fit["gain"], fit["centre"]) == (2.5, 0.5) and fit["mad_curve"] < 1e-3 < 0.1 * fit["mad"]
+    fit = E.fit_output(net, [soft], _cfg(), "cpu")
+    assert (fit["gain"], fit["centre"]) == (2.5, 0.5) and fit["mad_fit"] < 1e-3 < 0.1 * fit["mad"]
+    assert fit["refine_radius"] == 1  # the model's own: without a refiner every radius is the same
     assert net.config["output_curve"] == [1.0, 0.5] and net.training  # the model is left as it was
-    exact = E.fit_output_curve(net, [dataclasses.replace(batch, prior=batch.pha)], _cfg(), "cpu")
-    assert (exact["gain"], exact["centre"]) == (1.0, 0.5) and exact["mad"] == exact["mad_curve"] < 1e-3
+    exact = E.fit_output(net, [dataclasses.replace(batch, prior=batch.pha)], _cfg(), "cpu")
+    assert (exact["gain"], exact["centre"]) == (1.0, 0.5) and exact["mad"] == exact["mad_fit"] < 1e-3
+
+
+def test_the_output_fit_runs_the_refiner_as_inference_does_and_finds_its_radius(records):
+    cfg = _cfg(model={"work_side": SIZE[0] // 2})  # the clips are twice the work side: ratio 0.5
+    [full] = iter_batches(records[:2], cfg, _const_stream(), augment=False, native_size=True)
+    assert full.src.shape[-2:] == (SIZE[1], SIZE[0])  # their own size, not scaled to the training size
+    full = dataclasses.replace(full, prior=full.pha)  # the untrained net's alpha is the prior
+    net = E.build_model(cfg)
+    net.eval()
+    net.refiner.filter.radius = 3
+    with torch.no_grad():
+        truth = net(full.src, full.prior, None, 0.5)[0]  # what radius 3 makes of it
+    net.refiner.filter.radius = 1
+    fit = E.fit_output(net, [dataclasses.replace(full, pha=truth)], cfg, "cpu")
+    assert (fit["refine_radius"], fit["gain"], fit["centre"]) == (3, 1.0, 0.5)
+    assert fit["mad_fit"] < 1e-3 < fit["mad"]
+    assert net.refiner.filter.radius == 1 and net.config["refine_radius"] == 1  # left as it was
+    metrics = E.set_fitted_output(net, [dataclasses.replace(full, pha=truth)], cfg, "cpu")
+    assert metrics["refine_radius"] == 3 and net.refiner.filter.radius == 3 and net.config["refine_radius"] == 3
 
 
 def _ddp_worker(rank: int, folder: str, bn: str = "frozen") -> None:
@@ -430,7 +450,9 @@ def test_main_trains_validates_by_photo_and_writes_a_checkpoint_that_folds(datas
 
     net = load_checkpoint(result["checkpoint"])
     assert net.config["prior"] == resolve_prior_spec(None)
-    assert net.config["output_curve"] == [result["val/curve_gain"], result["val/curve_centre"]]  # fitted at the end
+    # fitted at the end
+    assert net.config["output_curve"] == [result["val/curve_gain"], result["val/curve_centre"]]
+    assert net.config["refine_radius"] == result["val/refine_radius"]
     extra = net.checkpoint_extra
     assert extra["step"] == 3 and recipe_from_dict(extra["recipe"]) == cfg
     assert {"optimizer", "scheduler", "data_position"} <= set(extra)

@@ -320,11 +320,15 @@ class Matter:
             pri_t = torch.from_numpy(pri_lr)[None, :, None]  # [1,T,1,h,w]
             if len(frames) == 1:
                 src_t, pri_t = src_t[:, 0], pri_t[:, 0]
-            pha_lr, fgr_lr, self._state = self.net(src_t, pri_t, self._state)
-            pha_lr, fgr_lr = _hwc(pha_lr), _hwc(fgr_lr)  # [T,h,w,C]
+            # (clamped here, not by the net: its output curve comes after the refiner, as in its forward)
+            pha_lr, fgr_lr, self._state = self.net(src_t, pri_t, self._state, 1.0, False)
+            pha_lr, fgr_lr = _hwc(pha_lr.clamp_(0, 1)), _hwc(fgr_lr.clamp_(0, 1))  # [T,h,w,C]
             radius, eps = self.net.refiner.filter.radius, self.net.refiner.filter.eps
             fgrs, phas = zip(*(refine_frame(src_lr[t], fgr_lr[t], pha_lr[t, ..., 0], frame, radius, eps)
                                for t, frame in enumerate(frames)))
+            gain, centre = self.net.curve_gain, self.net.curve_centre
+            if gain != 1.0 or centre != 0.5:
+                phas = [np.clip((p - centre) * gain + 0.5, 0.0, 1.0) for p in phas]
             return phas, fgrs
         src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
         pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]

@@ -62,7 +62,8 @@ class MattingNet(nn.Module):
         decoder_channels: decoder widths at strides 32, 16, 8, 4, 2.
         head_channels: width of the full-resolution head (8 in version 2: its cost is per full-resolution pixel).
         attention_channels: hidden width of each attention gate (at most the skip's width).
-        refine_radius, refine_eps: fast guided filter of the `downsample_ratio` path.
+        refine_radius, refine_eps: fast guided filter of the `downsample_ratio` path (training
+            fits the radius with the output curve, `engine.fit_output`).
         prior: the prior stream the model learns and is used with (a `resolve_prior_spec` input;
             recorded resolved, so inference rebuilds exactly it whatever the defaults become).
         arch: architecture version, 1 or 2 (see above).
@@ -72,9 +73,9 @@ class MattingNet(nn.Module):
             Convolutions are not scale-invariant: `Matter` runs the network at this scale by
             default (its input downsampled, the output upsampled by the guided refiner), so a
             person at inference is as many pixels tall as the people it learned on.
-        output_curve: (gain, centre) of the contrast curve the clamped alpha goes through,
+        output_curve: (gain, centre) of the contrast curve the clamped (and refined) alpha goes through,
             `clamp((alpha - centre) * gain + 0.5, 0, 1)`; (1, 0.5), the default, leaves it as it is.
-            Training fits it on validation clips after the last step (`engine.fit_output_curve`):
+            Training fits it on validation clips after the last step (`engine.fit_output`):
             a briefly trained net's alpha is too soft on people it has not seen, and one monotone
             curve is the cheapest correction. Not applied with `clamp=False` (the training losses).
 
@@ -166,6 +167,14 @@ class MattingNet(nn.Module):
         self.curve_gain, self.curve_centre = float(gain), float(centre)
         self.config["output_curve"] = [self.curve_gain, self.curve_centre]
 
+    @torch.jit.unused
+    def set_refine_radius(self, radius: int) -> None:
+        """Make the guided refiner of the `downsample_ratio` path use box radius `radius` (recorded in `config`)."""
+        if int(radius) != radius or radius < 1:
+            raise ValueError(f"refine_radius must be a positive integer, got {radius!r}")
+        self.refiner.filter.radius = int(radius)
+        self.config["refine_radius"] = int(radius)
+
     @property
     def encoder(self) -> nn.Sequential:
         """The encoder as TorchVision's `features[:18]` (same modules as `stages`, indices 0..17)."""
@@ -223,6 +232,10 @@ class MattingNet(nn.Module):
             fgr, pha = self.refiner(src_bt, src_lr, fgr_lr, pha_lr)
         else:
             pha, fgr, new_state = self._run(src_bt, prior_bt, B, T, state, clamp)
+        if clamp and (self.curve_gain != 1.0 or self.curve_centre != 0.5):
+            # On the final alpha, after the refiner: a curve as steep as the fits pick, applied
+            # before it, hardens the low-resolution alpha that the refiner then blurs again.
+            pha = output_curve(pha, self.curve_gain, self.curve_centre)
         pha = unfold_time(pha, B, T)
         fgr = unfold_time(fgr, B, T)
         if single:
@@ -278,8 +291,6 @@ class MattingNet(nn.Module):
         if clamp:
             pha = pha.clamp(0.0, 1.0)
             fgr = fgr.clamp(0.0, 1.0)
-            if self.curve_gain != 1.0 or self.curve_centre != 0.5:
-                pha = output_curve(pha, self.curve_gain, self.curve_centre)
         return pha, fgr, new_state
 
 

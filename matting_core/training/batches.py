@@ -276,7 +276,7 @@ def draw_window(rng: np.random.Generator, num_frames: int, frames: int) -> int:
 
 
 def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream: PriorStream,
-                augment: bool = True, window_drawn: bool = False) -> dict[str, np.ndarray]:
+                augment: bool = True, window_drawn: bool = False, native_size: bool = False) -> dict[str, np.ndarray]:
     """One training sample (numpy, `[T,C,H,W]` float32 like a Batch's clips) from a decoded clip.
 
     In order: a window of `cfg.frames` frames (random when the clip is longer, the first ones
@@ -287,7 +287,8 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     inference runs it on a video); then a crop with the training aspect and a random scale,
     centred on a random point of the subject, resized to `cfg.augment.size` with the prior, flow
     cropped and its vectors scaled (without `augment`: the whole frame scaled to fit inside that
-    size); last, time reversal (flow inverted, see `_reverse`).
+    size, or left at its own size with `native_size`); last, time reversal (flow inverted, see
+    `_reverse`).
     Keys: src, prior, pha, fgr, flow, flow_valid (as in `Batch`), clip_id, reversed.
 
     With `window_drawn`, the record holds only the window's frames, already drawn from `rng` with
@@ -323,9 +324,9 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     if augment:
         W, H = aug.size
         x0, y0, cw, ch = _crop_box(alpha, (W, H), float(rng.uniform(*aug.scale)), rng)
-    else:  # the whole frame, as inference sees it, scaled to fit the training size
+    else:  # the whole frame, as inference sees it, scaled to fit the training size (or not at all)
         (ch, cw), (x0, y0) = (height, width), (0, 0)
-        fit = min(aug.size[0] / cw, aug.size[1] / ch)
+        fit = 1.0 if native_size else min(aug.size[0] / cw, aug.size[1] / ch)
         W, H = max(8, round(cw * fit)), max(8, round(ch * fit))
 
     # Flip, background and colour act on whole frames: the prior below must see what inference sees.
@@ -412,16 +413,18 @@ def shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator
 
 def iter_batches(records: Iterable[ClipRecord], cfg, prior_stream: PriorStream, first_step: int = 0,
                  rank: int = 0, augment: bool = True, batch_size: int | None = None,
-                 drop_last: bool = True) -> Iterator[Batch]:
+                 drop_last: bool = True, native_size: bool = False) -> Iterator[Batch]:
     """Batches of `batch_size` (default cfg.batch_size) records in the order given; batch k is step first_step + k.
 
-    With `drop_last` an incomplete last batch is dropped (every step sees the same batch size).
+    With `drop_last` an incomplete last batch is dropped (every step sees the same batch size);
+    `native_size` (with `augment` off) keeps the clips' own size (see `make_sample`).
     """
     size = int(batch_size or cfg.batch_size)
     group: list[dict] = []
     for n, record in enumerate(records):
         step, index = first_step + n // size, n % size
-        group.append(make_sample(record, cfg, sample_rng(cfg.seed, step, rank, index), prior_stream, augment=augment))
+        group.append(make_sample(record, cfg, sample_rng(cfg.seed, step, rank, index), prior_stream, augment=augment,
+                                 native_size=native_size))
         if len(group) == size:
             yield collate(group)
             group = []

@@ -159,9 +159,10 @@ class RecipeConfig:
         val_clips: at most this many validation clips per evaluation.
         shuffle_buffer: clips held for shuffling while streaming a dataset.
         bn_calibration_batches: training batches used to estimate frozen batch-norm statistics.
-        fit_output_curve: after the last step, fit the model's output contrast curve
-            (`MattingNet.set_output_curve`) on the validation clips (`engine.fit_output_curve`);
-            the model trained and the one registered then differ only by it.
+        fit_output: after the last step, fit the guided refiner's radius and the output contrast
+            curve (`MattingNet.set_refine_radius`, `set_output_curve`) on the validation clips at
+            their own size, run as inference runs the model (`engine.fit_output`); the model
+            trained and the one registered then differ only by them.
     """
 
     model: dict = field(default_factory=dict)
@@ -185,7 +186,7 @@ class RecipeConfig:
     val_clips: int = 64
     shuffle_buffer: int = 16
     bn_calibration_batches: int = 4
-    fit_output_curve: bool = True
+    fit_output: bool = True
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
