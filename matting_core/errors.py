@@ -8,3 +8,8 @@ class InputError(Exception):
     def __init__(self, uri: str, reason: str):
         super().__init__(f"{uri}: {reason}")
         self.uri, self.reason = uri, reason
+
+    def __reduce__(self):
+        # Ray sends a worker's exception to the driver pickled; the default rebuilds it from the
+        # one formatted message, which this constructor does not take.
+        return type(self), (self.uri, self.reason)

@@ -516,6 +516,11 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[key] = value
 
 
+def _absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers run in a directory of their own); other URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def run_train(cfg, out=None) -> TrainSummary:
     """Train as `cfg` (a TrainConfig) says on the Ray cluster (a local one by default); returns the summary.
 
@@ -549,7 +554,7 @@ def run_train(cfg, out=None) -> TrainSummary:
     resolved = redact_config({"recipe": to_dict(recipe), "data": cfg.data, "val_data": cfg.val_data,
                               "preset": cfg.preset})
     run_name = cfg.run_name or f"{cfg.experiment}-{config_hash(resolved)}"
-    storage_root = cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)
+    storage_root = _absolute(cfg.storage)
     run_dir = storage.join(storage_root, run_name)
     if cfg.overwrite and storage.exists(run_dir):
         storage.remove(run_dir, recursive=True)
@@ -560,7 +565,8 @@ def run_train(cfg, out=None) -> TrainSummary:
         print_summary(summary, out)
         return summary
 
-    job = TrainJob(data=cfg.data, val_data=cfg.val_data, workers=cfg.workers,
+    job = TrainJob(data=_absolute(cfg.data), val_data=cfg.val_data and _absolute(cfg.val_data),
+                   workers=cfg.workers,
                    cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                    storage=storage_root, run_name=run_name, experiment=cfg.experiment,
                    register_as=cfg.register_as, tracking_uri=uri, max_failures=cfg.max_failures)

@@ -174,3 +174,13 @@ def test_fault(case: Case, tmp_path, capsys, monkeypatch):
     assert case.fragment in text, f"{case.name}: {case.fragment!r} not in\n{text}"
     assert "Traceback" not in text, text
     case.check(tmp_path)
+
+
+def test_an_input_error_survives_pickling_as_ray_sends_it_from_a_worker():
+    import pickle
+
+    from matting_core.errors import InputError
+
+    err = pickle.loads(pickle.dumps(InputError("s3://bucket/clips", "not a clip dataset")))
+    assert isinstance(err, InputError) and (err.uri, err.reason) == ("s3://bucket/clips", "not a clip dataset")
+    assert str(err) == "s3://bucket/clips: not a clip dataset"

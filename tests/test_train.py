@@ -70,12 +70,14 @@ def _untrained_val_mad(cfg) -> float:
     return evaluate(build_model(recipe), batches, recipe, torch.device("cpu"))["mad"]
 
 
-def test_two_workers_train_track_register_and_the_registry_reproduces_the_run(clips, tmp_path, capsys):
+def test_two_workers_train_track_register_and_the_registry_reproduces_the_run(clips, tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from pipelines.train import run_train
 
-    cfg = _config(clips, tmp_path)
+    # the dataset named relative to where the command runs: Ray workers run elsewhere
+    monkeypatch.chdir(Path(clips).parent)
+    cfg = _config(os.path.basename(clips), tmp_path)
     summary = run_train(cfg)
     assert summary.steps == STEPS and summary.registered == "models:/test-matting/1"
 
