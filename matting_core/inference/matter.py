@@ -25,7 +25,7 @@ import torch
 
 from matting_core.flow import TemporalSmoother, Track
 from matting_core.model import MattingNet
-from matting_core.model.net import downsample_image
+from matting_core.model.net import downsample_image, output_curve
 from matting_core.model.optimize import optimize_for_inference
 from matting_core.model.refine import refine_frame
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
@@ -328,7 +328,7 @@ class Matter:
                                for t, frame in enumerate(frames)))
             gain, centre = self.net.curve_gain, self.net.curve_centre
             if gain != 1.0 or centre != 0.5:
-                phas = [np.clip((p - centre) * gain + 0.5, 0.0, 1.0) for p in phas]
+                phas = [output_curve(torch.from_numpy(p), gain, centre).numpy() for p in phas]
             return phas, fgrs
         src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
         pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]
