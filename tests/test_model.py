@@ -449,6 +449,27 @@ def test_refine_frame_equals_the_refiner_on_a_uint8_frame(size):
     assert 0.0 <= pha.min() and pha.max() <= 1.0 and pha.std() > 0.1
 
 
+@pytest.mark.parametrize("curve", [(3.0, 0.45), (0.5, 0.3), (5.0, 0.5)])
+def test_refine_frame_folds_the_output_curve_into_its_coefficients(curve):
+    """The alpha of refine_frame with an output curve is output_curve of its alpha without one (a gain below 1 too)."""
+    from matting_core.model.net import output_curve
+    from matting_core.model.refine import refine_frame
+
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    src_lr = rng.random((30, 54, 3), dtype=np.float32)
+    fgr_lr = rng.random((30, 54, 3), dtype=np.float32)
+    pha_lr = (rng.random((30, 54)) > 0.5).astype(np.float32)  # a hard alpha the fit overshoots: both clamps act
+    fgr, pha = refine_frame(src_lr, fgr_lr, pha_lr, frame, 1, 1e-5)
+    fgr_c, pha_c = refine_frame(src_lr, fgr_lr, pha_lr, frame, 1, 1e-5, curve)
+    assert np.array_equal(fgr, fgr_c)
+    want = output_curve(torch.from_numpy(pha), *curve).numpy()
+    assert np.abs(pha_c - want).max() < 1e-5 and 0.0 <= pha_c.min() and pha_c.max() <= 1.0
+    assert (pha == 0).any() and (pha == 1).any() and (want != pha).mean() > 0.5  # the clamps and the curve both show
+    with pytest.raises(ValueError, match="gain"):
+        refine_frame(src_lr, fgr_lr, pha_lr, frame, 1, 1e-5, (0.0, 0.5))
+
+
 @pytest.mark.parametrize("shape,ratio", [((1080, 1920, 3), 512 / 1920), ((1088, 1920, 3), 512 / 1920),
                                          ((97, 131, 3), 0.37), ((144, 176), 0.5)])
 def test_downsample_image_equals_downsample(shape, ratio):

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from matting_core.data.clips import ClipRecord, iter_clips
-from matting_core.evaluation.metrics import warp_bilinear
+from matting_core.evaluation.metrics import SequenceMetrics, warp_bilinear
 from matting_core.flow import warp as np_warp
 from matting_core.model import load_checkpoint
+from matting_core.model.net import output_curve
 from matting_core.model.optimize import optimize_for_inference
 from matting_core.prior import ConstantPrior, PriorStream, resolve_prior_spec
 from matting_core.training import (AugmentConfig, LossWeights, OptimConfig, RecipeConfig, PRESETS, collate,
@@ -338,6 +339,42 @@ def test_the_output_fit_undoes_a_soft_alpha_and_keeps_the_identity_for_an_exact_
     assert net.config["output_curve"] == [1.0, 0.5] and net.training  # the model is left as it was
     exact = E.fit_output(net, [dataclasses.replace(batch, prior=batch.pha)], _cfg(), "cpu")
     assert (exact["gain"], exact["centre"]) == (1.0, 0.5) and exact["mad"] == exact["mad_fit"] < 1e-3
+
+
+def test_the_output_fit_refuses_a_curve_that_lowers_mad_but_amplifies_flicker(batch):
+    net = E.build_model(_cfg())  # untrained: its alpha is the prior; frames at the work side: no refiner
+    B, T, _, H, W = batch.pha.shape
+    ramp = torch.linspace(0.1, 0.9, W).expand(B, T, 1, H, W)  # a static soft truth the curve never clamps
+    noise = 0.01 * torch.randn(B, T, 1, H, W, generator=torch.Generator().manual_seed(0))
+    flickering = 0.5 + (ramp - 0.5) * 0.4 + noise  # squeezed like `soft` above, and flickering
+    clip = dataclasses.replace(batch, pha=ramp, prior=flickering)
+    fit = E.fit_output(net, [clip], _cfg(), "cpu")
+    # gain 2.5 would cut MAD about threefold, and multiply the flicker (dtSSD) by 2.5
+    assert (fit["gain"], fit["centre"]) == (1.0, 0.5) and fit["mad_fit"] == fit["mad"] > 50
+    assert fit["dtssd_fit"] == fit["dtssd"] > 0.5
+    unbounded = E._mad_dtssd([flickering[:, :, 0]], [ramp[:, :, 0]], lambda p: output_curve(p, 2.5, 0.5))
+    assert unbounded[0] * 1e3 < fit["mad"] / 3 and unbounded[1] > 2 * fit["dtssd"]
+    clips = []  # the fit's dtSSD is the evaluation's
+    for b in range(B):
+        seq = SequenceMetrics(metrics=("dtssd",))
+        for t in range(T):
+            seq.update(flickering[b, t, 0].numpy(), ramp[b, t, 0].numpy())
+        clips.append(seq.summary()["dtssd"])
+    assert fit["dtssd"] == pytest.approx(np.mean(clips), rel=1e-4)
+
+
+def test_the_output_fit_may_spend_the_models_temporal_margin_over_the_prior(batch):
+    net = E.build_model(_cfg())
+    with torch.no_grad():  # the calibration squeezes the prior towards 0.5 by 0.45: less flicker, and too soft
+        net.calibration.delta.copy_(-0.55 * (torch.linspace(0, 1, net.calibration.knots) - 0.5))
+    B, T, _, H, W = batch.pha.shape
+    ramp = torch.linspace(0.1, 0.9, W).expand(B, T, 1, H, W)
+    flickering = ramp + 0.01 * torch.randn(B, T, 1, H, W, generator=torch.Generator().manual_seed(0))
+    fit = E.fit_output(net, [dataclasses.replace(batch, pha=ramp, prior=flickering)], _cfg(), "cpu")
+    # gain g leaves 0.45 g of the prior's flicker: 2 is the steepest under it (2.5 would be 1.125)
+    assert fit["dtssd"] == pytest.approx(0.45 * fit["prior_dtssd"], rel=0.02)
+    assert (fit["gain"], fit["centre"]) == (2.0, 0.5) and fit["dtssd"] < fit["dtssd_fit"] <= fit["prior_dtssd"]
+    assert fit["mad_fit"] < fit["mad"] / 3
 
 
 def test_the_output_fit_runs_the_refiner_as_inference_does_and_finds_its_radius(records):

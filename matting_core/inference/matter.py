@@ -25,7 +25,7 @@ import torch
 
 from matting_core.flow import TemporalSmoother, Track
 from matting_core.model import MattingNet
-from matting_core.model.net import downsample_image, output_curve
+from matting_core.model.net import downsample_image
 from matting_core.model.optimize import optimize_for_inference
 from matting_core.model.refine import refine_frame
 from matting_core.prior import Prior, PriorStream, prior_stream_from_spec
@@ -324,11 +324,9 @@ class Matter:
             pha_lr, fgr_lr, self._state = self.net(src_t, pri_t, self._state, 1.0, False)
             pha_lr, fgr_lr = _hwc(pha_lr.clamp_(0, 1)), _hwc(fgr_lr.clamp_(0, 1))  # [T,h,w,C]
             radius, eps = self.net.refiner.filter.radius, self.net.refiner.filter.eps
-            fgrs, phas = zip(*(refine_frame(src_lr[t], fgr_lr[t], pha_lr[t, ..., 0], frame, radius, eps)
+            curve = (self.net.curve_gain, self.net.curve_centre)
+            fgrs, phas = zip(*(refine_frame(src_lr[t], fgr_lr[t], pha_lr[t, ..., 0], frame, radius, eps, curve)
                                for t, frame in enumerate(frames)))
-            gain, centre = self.net.curve_gain, self.net.curve_centre
-            if gain != 1.0 or centre != 0.5:
-                phas = [output_curve(torch.from_numpy(p), gain, centre).numpy() for p in phas]
             return phas, fgrs
         src = torch.from_numpy(np.stack(frames)).to(dev).permute(0, 3, 1, 2)[None].float().div_(255)  # [1,T,3,H,W]
         pri = torch.from_numpy(np.stack(priors).astype(np.float32, copy=False)).to(dev)[None, :, None]  # [1,T,1,H,W]

@@ -126,8 +126,10 @@ class GuidedRefiner(nn.Module):
 
 
 def refine_frame(src_lr: np.ndarray, fgr_lr: np.ndarray, pha_lr: np.ndarray, frame: np.ndarray,
-                 radius: int = 1, eps: float = 1e-5) -> Tuple[np.ndarray, np.ndarray]:
-    """`GuidedRefiner` on one frame with OpenCV: `src_lr`, `fgr_lr` float32 `[h,w,3]`, `pha_lr` `[h,w]`, `frame` uint8 `[H,W,3]` -> (fgr uint8 `[H,W,3]`, pha float32 `[H,W]`)."""
+                 radius: int = 1, eps: float = 1e-5, curve: Tuple[float, float] = (1.0, 0.5)
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """`GuidedRefiner` on one frame with OpenCV, then the alpha through `output_curve(gain, centre)` = `curve`:
+    `src_lr`, `fgr_lr` float32 `[h,w,3]`, `pha_lr` `[h,w]`, `frame` uint8 `[H,W,3]` -> (fgr uint8 `[H,W,3]`, pha float32 `[H,W]`)."""
     # The same fit (window means over the pixels inside the image), bilinear upsampling (cv2's
     # INTER_LINEAR has F.interpolate's half-pixel centres) and clamps as GuidedRefiner.forward:
     # equal to it within float rounding.
@@ -156,8 +158,13 @@ def refine_frame(src_lr: np.ndarray, fgr_lr: np.ndarray, pha_lr: np.ndarray, fra
     # The frame's 1/255 and the grey level's 1/3 go into the coefficients at low resolution, so the
     # full-resolution passes read the uint8 frame as it is; the foreground is computed on the
     # 0..255 scale, where the saturating conversion to uint8 is the clamp and the rounding.
+    # The output curve is affine up to its clamp, and bilinear upsampling commutes with an affine
+    # map: it goes into the alpha's coefficients too, which spares three full-resolution passes.
+    gain, centre = (float(v) for v in curve)
+    if gain <= 0:
+        raise ValueError(f"output curve gain must be positive, got {gain}")
     a_fgr, b_fgr = rows(a[..., :3]), rows(b[..., :3] * 255.0)
-    a_pha, b_pha = rows(a[..., 3] / 765.0), rows(b[..., 3])
+    a_pha, b_pha = rows(a[..., 3] * (gain / 765.0)), rows((b[..., 3] - centre) * gain + 0.5)
     fgr = np.empty((height, width, 3), np.uint8)
     pha = np.empty((height, width), np.float32)
     for top in range(0, height, _STRIP_ROWS):
@@ -172,5 +179,7 @@ def refine_frame(src_lr: np.ndarray, fgr_lr: np.ndarray, pha_lr: np.ndarray, fra
         r, g, bl = cv2.split(frame[strip])
         grey = cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), bl, dtype=cv2.CV_16U)  # r + g + b, exact
         cv2.add(cv2.multiply(cols(a_pha), grey, dtype=cv2.CV_32F), cols(b_pha), dst=pha[strip])
-    np.clip(pha, 0.0, 1.0, out=pha)
+    # clamp(curve(clamp(x, 0, 1)), 0, 1) of an increasing curve: clamp(curve(x)) to the curve's values at 0 and 1
+    low, high = (min(max((v - centre) * gain + 0.5, 0.0), 1.0) for v in (0.0, 1.0))
+    np.clip(pha, low, high, out=pha)
     return fgr, pha

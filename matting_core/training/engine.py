@@ -306,16 +306,22 @@ REFINE_RADII = (1, 2, 3, 4, 6)
 def fit_output(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, device,
                radii: Iterable[int] = REFINE_RADII, gains: Iterable[float] = CURVE_GAINS,
                centres: Iterable[float] = CURVE_CENTRES) -> dict[str, float]:
-    """The refiner radius and output curve (gain, centre) of lowest MAD on `batches`, run as inference runs the model.
+    """The refiner radius and output curve (gain, centre) of lowest MAD on `batches` among those
+    that keep dtSSD no higher than the prior's (or the model's own settings', if higher), run as
+    inference runs the model.
 
     `batches` hold whole clips at their own size (`iter_batches(..., native_size=True)`): the
     network sees them downsampled to the side it was trained at (`work_side`, as `Matter` does)
     and the guided refiner brings its alpha back to their size, so the fit sees the softness that
     upsampling adds. Frames no larger than the work side take no refiner: the radius is then the
-    model's own. Returns `{"refine_radius", "gain", "centre", "mad", "mad_fit"}` (MAD x 1e3 over
-    the pixels with the model's radius and no curve, and with the fitted ones); the model's radius
-    with the identity curve is always a candidate, so the fit never raises the MAD on these clips.
-    The model is run as it is (any curve it already has is not applied) and is not changed.
+    model's own. A steep curve lowers MAD on a soft alpha but makes an edge's small frame-to-frame
+    changes jump: the bound lets the fit spend the model's temporal margin over the smoothed prior
+    (the baseline the product must beat), never more. Returns `{"refine_radius", "gain",
+    "centre", "mad", "mad_fit", "dtssd", "dtssd_fit", "prior_dtssd"}` (MAD x 1e3 and dtSSD as
+    `metrics.dtssd` defines them, with the model's radius and no curve, with the fitted ones, and
+    of the batches' prior); the model's own settings are always a candidate, so the fit never
+    raises the MAD on these clips. The model is run as it is (any curve it already has is not
+    applied) and is not changed.
     """
     from matting_core.inference.matter import auto_downsample_ratio
 
@@ -325,51 +331,74 @@ def fit_output(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, de
     candidates = sorted({own, *(int(r) for r in radii)})
     preds: dict[int, list[torch.Tensor]] = {r: [] for r in candidates}
     trues: list[torch.Tensor] = []
+    priors: list[torch.Tensor] = []
     with _eval_mode(model), torch.no_grad():
         try:
             for batch in batches:
                 batch = batch.to(device)
                 H, W = batch.src.shape[-2:]
                 ratio = auto_downsample_ratio(H, W, net.config.get("work_side") or max(H, W))
-                # every k-th pixel, at most about a million per batch: the fit has three numbers
-                stride = 1 + batch.pha.numel() // 1_000_000
-                trues.append(batch.pha.float().flatten()[::stride].cpu())
+                # the same pixels of every frame (dtSSD compares frames), about a million per batch
+                stride = 1 + math.isqrt(batch.pha.numel() // 1_000_000)
+                trues.append(batch.pha.float()[..., 0, ::stride, ::stride].cpu())  # [B,T,h,w]
+                priors.append(batch.prior.float()[..., 0, ::stride, ::stride].cpu())
                 for radius in candidates if ratio < 1.0 else [own]:
                     net.refiner.filter.radius = radius
                     with _amp(cfg, device):
                         pha, _, _ = model(batch.src, batch.prior, None, ratio, False)
-                    pha = pha.float().clamp(0.0, 1.0).flatten()[::stride].cpu()
+                    pha = pha.float().clamp(0.0, 1.0)[..., 0, ::stride, ::stride].cpu()
                     for r in [radius] if ratio < 1.0 else candidates:  # no refiner: one alpha for every radius
                         preds[r].append(pha)
         finally:
             net.refiner.filter.radius = own
     if not trues:
         raise ValueError("fit_output: no batches")
-    true = torch.cat(trues)
-    scores: dict[tuple[int, float, float], float] = {}
+    scores: dict[tuple[int, float, float], tuple[float, float]] = {}
     for radius in candidates:
-        pred = torch.cat(preds[radius])
-        scores[(radius, 1.0, 0.5)] = float((pred - true).abs().mean())
+        scores[(radius, 1.0, 0.5)] = _mad_dtssd(preds[radius], trues, lambda p: p)
         for gain in gains:
             for centre in centres:
-                curved = output_curve(pred, gain, centre)
-                scores[(radius, float(gain), float(centre))] = float((curved - true).abs().mean())
+                scores[(radius, float(gain), float(centre))] = _mad_dtssd(
+                    preds[radius], trues, lambda p, g=float(gain), c=float(centre): output_curve(p, g, c))
     untouched = (own, 1.0, 0.5)
+    prior_dtssd = _mad_dtssd(priors, trues, lambda p: p)[1]
+    bound = max(prior_dtssd, scores[untouched][1]) + 1e-9
+    admissible = [k for k, (_, dt) in scores.items() if dt <= bound]
     # a tie keeps the model as it is: its own radius first, then no curve
-    best = min(scores, key=lambda k: (scores[k], k[0] != own, k[1:] != untouched[1:]))
+    best = min(admissible, key=lambda k: (scores[k][0], k[0] != own, k[1:] != untouched[1:]))
     radius, gain, centre = best
-    return {"refine_radius": radius, "gain": gain, "centre": centre, "mad": scores[untouched] * 1e3,
-            "mad_fit": scores[best] * 1e3}
+    return {"refine_radius": radius, "gain": gain, "centre": centre,
+            "mad": scores[untouched][0] * 1e3, "mad_fit": scores[best][0] * 1e3,
+            "dtssd": scores[untouched][1], "dtssd_fit": scores[best][1], "prior_dtssd": prior_dtssd}
+
+
+def _mad_dtssd(preds: list[torch.Tensor], trues: list[torch.Tensor],
+               curve: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """(MAD, dtSSD) of `curve(pred)` against the truth over clips `[B,T,h,w]`: MAD over all pixels,
+    dtSSD per clip as `SequenceMetrics` averages it (frame 0 counts as 0), then over clips."""
+    abs_sum, count, dt_sum, clips = 0.0, 0, 0.0, 0
+    for pred, true in zip(preds, trues):
+        pred = curve(pred)
+        abs_sum += float((pred - true).abs().sum(dtype=torch.float64))
+        count += pred.numel()
+        if pred.shape[1] > 1:
+            change = (pred[:, 1:] - pred[:, :-1]) - (true[:, 1:] - true[:, :-1])  # [B,T-1,h,w]
+            per_frame = change.double().square().mean(dim=(2, 3)).sqrt() * 1e2
+            dt_sum += float((per_frame.sum(dim=1) / pred.shape[1]).sum())
+        clips += pred.shape[0]
+    return abs_sum / count, dt_sum / clips
 
 
 def set_fitted_output(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, device) -> dict[str, float]:
     """Fit the refiner radius and output curve on `batches` (`fit_output`) and set them on the (unwrapped) model;
-    returns the `val/` metrics `refine_radius`, `curve_gain`, `curve_centre`, `full_mad` and `fitted_mad`."""
+    returns the `val/` metrics `refine_radius`, `curve_gain`, `curve_centre`, `full_mad`, `fitted_mad`,
+    `full_dtssd` and `fitted_dtssd`."""
     fit = fit_output(model, batches, cfg, device)
     unwrap(model).set_refine_radius(fit["refine_radius"])
     unwrap(model).set_output_curve(fit["gain"], fit["centre"])
     return {"refine_radius": fit["refine_radius"], "curve_gain": fit["gain"], "curve_centre": fit["centre"],
-            "full_mad": fit["mad"], "fitted_mad": fit["mad_fit"]}
+            "full_mad": fit["mad"], "fitted_mad": fit["mad_fit"], "full_dtssd": fit["dtssd"],
+            "fitted_dtssd": fit["dtssd_fit"]}
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
