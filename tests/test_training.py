@@ -490,6 +490,7 @@ def test_main_trains_validates_by_photo_and_writes_a_checkpoint_that_folds(datas
     # fitted at the end
     assert net.config["output_curve"] == [result["val/curve_gain"], result["val/curve_centre"]]
     assert net.config["refine_radius"] == result["val/refine_radius"]
+    assert result["val/fitted_dtssd"] <= max(result["val/prior_dtssd"], result["val/full_dtssd"]) + 1e-9
     extra = net.checkpoint_extra
     assert extra["step"] == 3 and recipe_from_dict(extra["recipe"]) == cfg
     assert {"optimizer", "scheduler", "data_position"} <= set(extra)

@@ -392,13 +392,13 @@ def _mad_dtssd(preds: list[torch.Tensor], trues: list[torch.Tensor],
 def set_fitted_output(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, device) -> dict[str, float]:
     """Fit the refiner radius and output curve on `batches` (`fit_output`) and set them on the (unwrapped) model;
     returns the `val/` metrics `refine_radius`, `curve_gain`, `curve_centre`, `full_mad`, `fitted_mad`,
-    `full_dtssd` and `fitted_dtssd`."""
+    `full_dtssd`, `fitted_dtssd` and `prior_dtssd` (the bound's)."""
     fit = fit_output(model, batches, cfg, device)
     unwrap(model).set_refine_radius(fit["refine_radius"])
     unwrap(model).set_output_curve(fit["gain"], fit["centre"])
     return {"refine_radius": fit["refine_radius"], "curve_gain": fit["gain"], "curve_centre": fit["centre"],
             "full_mad": fit["mad"], "fitted_mad": fit["mad_fit"], "full_dtssd": fit["dtssd"],
-            "fitted_dtssd": fit["dtssd_fit"]}
+            "fitted_dtssd": fit["dtssd_fit"], "prior_dtssd": fit["prior_dtssd"]}
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
