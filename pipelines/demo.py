@@ -42,7 +42,7 @@ class DemoConfig:
     videos: PositiveInt = option(8, "procedural background videos to train on", metavar="N")
     held_out_videos: PositiveInt = option(3, "procedural background videos held out for the benchmark "
                                           "(as many for validation)", metavar="N")
-    steps: PositiveInt = option(500, "training steps (cpu-small preset with DEMO_RECIPE)", metavar="K")
+    steps: PositiveInt = option(400, "training steps (cpu-small preset with DEMO_RECIPE)", metavar="K")
     benchmark_clips: PositiveInt = option(3, "benchmark clips", metavar="N")
     benchmark_frames: Annotated[int, Interval(ge=2)] = option(24, "frames per benchmark clip", metavar="T")
     model_name: str = option("demo-matting", "registered model name", metavar="NAME")
