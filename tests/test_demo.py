@@ -37,6 +37,8 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
     assert "output curve gain" in summary and "val/curve_gain" in run.data.metrics
     assert "val/refine_radius" in run.data.metrics and "val/fitted_mad" in run.data.metrics
+    m = run.data.metrics  # the fit's dtSSD bound, as the run logged it
+    assert m["val/fitted_dtssd"] <= max(m["val/prior_dtssd"], m["val/full_dtssd"]) + 1e-9
     # the demo's training clips are made at its own size, validation and the benchmark at 512x288
     from pipelines.demo import BENCHMARK_SIZE, DEMO_CLIP_SIZE
 
