@@ -353,13 +353,9 @@ def fit_output(model: nn.Module, batches: Iterable[Batch], cfg: RecipeConfig, de
             net.refiner.filter.radius = own
     if not trues:
         raise ValueError("fit_output: no batches")
-    scores: dict[tuple[int, float, float], tuple[float, float]] = {}
-    for radius in candidates:
-        scores[(radius, 1.0, 0.5)] = _mad_dtssd(preds[radius], trues, lambda p: p)
-        for gain in gains:
-            for centre in centres:
-                scores[(radius, float(gain), float(centre))] = _mad_dtssd(
-                    preds[radius], trues, lambda p, g=float(gain), c=float(centre): output_curve(p, g, c))
+    curves = sorted({(1.0, 0.5), *((float(g), float(c)) for g in gains for c in centres)})  # the identity once
+    scores = {(radius, g, c): _mad_dtssd(preds[radius], trues, lambda p, g=g, c=c: output_curve(p, g, c))
+              for radius in candidates for g, c in curves}
     untouched = (own, 1.0, 0.5)
     prior_dtssd = _mad_dtssd(priors, trues, lambda p: p)[1]
     bound = max(prior_dtssd, scores[untouched][1]) + 1e-9
