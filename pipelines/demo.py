@@ -162,6 +162,7 @@ def run_demo(cfg: DemoConfig) -> int:
                          "--seed", str(cfg.seed)]))
     if statuses[-1] == 1:
         return 1
+    facts["coverage"] = benchmark_coverage(bench)
 
     mattes = os.path.join(out, "mattes")
     print(f"[{next(step)}/{stages}] matting infer {model} over the benchmark -> {mattes}")
@@ -252,6 +253,13 @@ def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: di
     return f"models:/{cfg.model_name}@champion", 0
 
 
+def benchmark_coverage(bench: str) -> tuple[int, int]:
+    """(people, scenes): how many distinct photos and background videos the benchmark's clips show."""
+    with open(os.path.join(bench, "benchmark.json")) as f:
+        clips = json.load(f)["clips"]
+    return len({c["photo"] for c in clips}), len({c["background"] for c in clips})
+
+
 def summary_text(cfg: DemoConfig, out: str, facts: dict, report: str, preview: str, seconds: float,
                  status: int) -> str:
     """The one-screen summary of a demo run."""
@@ -273,9 +281,11 @@ def summary_text(cfg: DemoConfig, out: str, facts: dict, report: str, preview: s
                      f"loss curve {facts['loss_png']}")
         lines.append(f"  registry   models:/{cfg.model_name}/{facts['version']} (aliases candidate, champion)")
     if model:
-        lines.append(f"  benchmark  {cfg.benchmark_clips} clips x {cfg.benchmark_frames} frames of {cfg.held_out} "
-                     f"held-out people: model MAD {model['mad']:.1f}, MSE {model['mse']:.1f}, "
-                     f"dtSSD {model['dtssd']:.2f}")
+        # A few clips may miss some of the held-out people and scenes: the line says which share it shows.
+        people, scenes = facts.get("coverage", (cfg.held_out, cfg.held_out_videos))
+        lines.append(f"  benchmark  {cfg.benchmark_clips} clips x {cfg.benchmark_frames} frames ({people} of "
+                     f"{cfg.held_out} held-out people, {scenes} of {cfg.held_out_videos} scenes): "
+                     f"model MAD {model['mad']:.1f}, MSE {model['mse']:.1f}, dtSSD {model['dtssd']:.2f}")
     if best:
         lines.append(f"             best prior-only baseline {best}: MAD {baselines[best]['mad']:.1f}")
     lines.append(f"  report     {os.path.splitext(report)[0]}.html; preview {preview}")

@@ -17,6 +17,8 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     assert status == 0, text
     summary = text[text.index("demo summary"):]
     assert "models:/demo-matting/1 (aliases candidate, champion)" in summary
+    # one clip shows one of the two held-out people, and the summary says so
+    assert "1 clips x 8 frames (1 of 2 held-out people, 1 of 1 scenes)" in summary
     model_mad = float(re.search(r"model MAD ([0-9.]+)", summary).group(1))
     baseline_mad = float(re.search(r"best prior-only baseline \S+: MAD ([0-9.]+)", summary).group(1))
     report = json.loads((out / "report" / "evaluation.json").read_text())
