@@ -282,7 +282,7 @@ def summary_text(cfg: DemoConfig, out: str, facts: dict, report: str, preview: s
         lines.append(f"  registry   models:/{cfg.model_name}/{facts['version']} (aliases candidate, champion)")
     if model:
         # A few clips may miss some of the held-out people and scenes: the line says which share it shows.
-        people, scenes = facts.get("coverage", (cfg.held_out, cfg.held_out_videos))
+        people, scenes = facts["coverage"]  # set when the benchmark is made, before anything is evaluated
         lines.append(f"  benchmark  {cfg.benchmark_clips} clips x {cfg.benchmark_frames} frames ({people} of "
                      f"{cfg.held_out} held-out people, {scenes} of {cfg.held_out_videos} scenes): "
                      f"model MAD {model['mad']:.1f}, MSE {model['mse']:.1f}, dtSSD {model['dtssd']:.2f}")
