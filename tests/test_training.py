@@ -213,6 +213,31 @@ def test_the_prior_is_the_prior_stream_over_the_augmented_frames(records):
     assert s["src"].shape[-1] == 64 and records[1].alpha.shape[2] != 64
 
 
+class _CountingPrior(ConstantPrior):
+    def __init__(self):
+        super().__init__(0.5)
+        self.calls = 0
+
+    def __call__(self, frame):
+        self.calls += 1
+        return super().__call__(frame)
+
+
+def test_the_first_prior_off_steps_train_with_an_empty_prior_and_never_run_it(records):
+    cfg = _cfg(prior_off_steps=2, augment=dataclasses.replace(PLAIN, reverse=0.5, flip=0.5))
+    counting = _CountingPrior()
+    batches = list(iter_batches(records[:6], cfg, PriorStream(counting)))  # steps 0, 1, 2
+    assert [float(b.prior.abs().max()) for b in batches] == [0.0, 0.0, pytest.approx(0.5)]
+    assert counting.calls == cfg.batch_size * FRAMES  # the prior ran for step 2's samples only
+    # Nothing else about a sample changes: the same draws, the same frames, alpha and flow.
+    off = make_sample(records[0], cfg, sample_rng(0, 0, 0), _const_stream(), empty_prior=True)
+    on = make_sample(records[0], cfg, sample_rng(0, 0, 0), _const_stream())
+    assert all(np.array_equal(off[k], on[k]) for k in on if k != "prior")
+    # Validation always has the prior.
+    val = next(iter_batches(records[:2], cfg, _const_stream(), augment=False, drop_last=False))
+    assert float(val.prior.min()) == pytest.approx(0.5)
+
+
 def test_validation_samples_are_whole_frames_scaled_to_fit(records):
     s = make_sample(records[0], _cfg(augment=AugmentConfig(size=(64, 64))), sample_rng(0, 0, 0), _const_stream(),
                     augment=False)
@@ -245,13 +270,26 @@ def batch(records) -> "E.Batch":
 def test_a_perfect_prediction_has_no_loss_and_flicker_has_temporal_loss(batch):
     w = LossWeights()
     perfect = matting_losses(batch.pha, batch.fgr, batch, w)
-    assert set(perfect) == {"l1", "laplacian", "grad", "fgr", "temporal_warp", "temporal_diff", "total"}
+    assert set(perfect) == {"l1", "mse", "laplacian", "grad", "fgr", "temporal_warp", "temporal_diff", "total"}
     assert all(float(v) < 1e-6 for v in perfect.values())
     sign = torch.tensor([1.0, -1.0] * (FRAMES // 2)).view(1, FRAMES, 1, 1, 1)
     flicker = matting_losses(batch.pha + 0.1 * sign, batch.fgr, batch, w)
     assert flicker["temporal_warp"] > 0.1 and flicker["temporal_diff"] > 0.02
     steady = matting_losses(batch.pha + 0.1, batch.fgr, batch, w)  # wrong, but the same error in every frame
     assert steady["temporal_warp"] < 1e-4 and steady["temporal_diff"] < 1e-6 and steady["l1"] > 0.09
+
+
+def test_the_squared_error_weighs_a_missed_person_more_than_a_rough_edge(batch):
+    # The same L1 error, spread thin over every pixel (0.1) or gathered where alpha is wrong by 1.
+    thin = matting_losses(batch.pha + 0.1, batch.fgr, batch, LossWeights())
+    gross = batch.pha.clone()
+    gross.view(-1)[: gross.numel() // 10] += 1.0
+    whole = matting_losses(gross, batch.fgr, batch, LossWeights())
+    assert float(thin["l1"]) == pytest.approx(0.1, abs=1e-5) and float(whole["l1"]) == pytest.approx(0.1, abs=1e-3)
+    assert float(thin["mse"]) == pytest.approx(0.01, abs=1e-5) and float(whole["mse"]) == pytest.approx(0.1, abs=1e-3)
+    # Its weight enters the total (the default is 0).
+    weighted = matting_losses(batch.pha + 0.1, batch.fgr, batch, LossWeights(mse=10.0))
+    assert float(weighted["total"] - thin["total"]) == pytest.approx(0.1, abs=1e-5)
 
 
 def test_losses_keep_gradients_where_the_residual_overshoots_a_saturated_prior():

@@ -276,7 +276,8 @@ def draw_window(rng: np.random.Generator, num_frames: int, frames: int) -> int:
 
 
 def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream: PriorStream,
-                augment: bool = True, window_drawn: bool = False, native_size: bool = False) -> dict[str, np.ndarray]:
+                augment: bool = True, window_drawn: bool = False, native_size: bool = False,
+                empty_prior: bool = False) -> dict[str, np.ndarray]:
     """One training sample (numpy, `[T,C,H,W]` float32 like a Batch's clips) from a decoded clip.
 
     In order: a window of `cfg.frames` frames (random when the clip is longer, the first ones
@@ -293,7 +294,8 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
 
     With `window_drawn`, the record holds only the window's frames, already drawn from `rng` with
     `draw_window` (and read with `ClipIndex.read(..., frames=...)`, which decodes only those): the
-    sample is then the same as from the whole record.
+    sample is then the same as from the whole record. With `empty_prior` the prior is all zeros
+    (the stream is not run): the recipe's `prior_off_steps`.
     """
     aug = cfg.augment
     if not all(record.has(name) for name in RECORD_COLUMNS):  # (without decoding a deferred bgr)
@@ -347,11 +349,11 @@ def make_sample(record: ClipRecord, cfg, rng: np.random.Generator, prior_stream:
     # the prior a zoomed-in, sharper view than inference ever gives it, and the net then learns
     # to correct a prior it will not meet.
     reverse = bool(augment and rng.random() < aug.reverse)
-    prior_stream.reset()
-    order = range(T - 1, -1, -1) if reverse else range(T)
-    prior = np.empty((T, height, width), np.float32)
-    for t in order:
-        prior[t] = prior_stream(np.ascontiguousarray(frames[t]))
+    prior = np.zeros((T, height, width), np.float32)
+    if not empty_prior:
+        prior_stream.reset()
+        for t in (range(T - 1, -1, -1) if reverse else range(T)):
+            prior[t] = prior_stream(np.ascontiguousarray(frames[t]))
 
     box = (slice(None), slice(y0, y0 + ch), slice(x0, x0 + cw))
     # (OpenCV takes the crops' row strides as they are: no copies.)
@@ -417,14 +419,15 @@ def iter_batches(records: Iterable[ClipRecord], cfg, prior_stream: PriorStream, 
     """Batches of `batch_size` (default cfg.batch_size) records in the order given; batch k is step first_step + k.
 
     With `drop_last` an incomplete last batch is dropped (every step sees the same batch size);
-    `native_size` (with `augment` off) keeps the clips' own size (see `make_sample`).
+    `native_size` (with `augment` off) keeps the clips' own size (see `make_sample`); with
+    `augment`, steps before `cfg.prior_off_steps` get an empty prior.
     """
     size = int(batch_size or cfg.batch_size)
     group: list[dict] = []
     for n, record in enumerate(records):
         step, index = first_step + n // size, n % size
         group.append(make_sample(record, cfg, sample_rng(cfg.seed, step, rank, index), prior_stream, augment=augment,
-                                 native_size=native_size))
+                                 native_size=native_size, empty_prior=augment and step < cfg.prior_off_steps))
         if len(group) == size:
             yield collate(group)
             group = []

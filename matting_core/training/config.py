@@ -65,7 +65,13 @@ class LossWeights:
     """Weights of the loss terms (`losses.matting_losses`); 0 switches a term off.
 
     Args:
-        l1: alpha L1. laplacian: alpha Laplacian-pyramid L1. grad: alpha Sobel-gradient L1.
+        l1: alpha L1.
+        mse: alpha squared error. L1 alone is minimised, by a net that cannot yet tell a person from
+            the background, by an empty matte (the median of mostly background pixels): from that
+            plateau only a weak signal leads out. The squared error's optimum is the mean, and its
+            gradient grows with the error, so a net trained on the frames alone (`prior_off_steps`)
+            leaves the plateau, and a matte that misses a whole person costs more than a rough edge.
+        laplacian: alpha Laplacian-pyramid L1. grad: alpha Sobel-gradient L1.
         fgr: foreground L1 where the true alpha is > 0.
         temporal_warp: predicted alpha_{t-1} warped by the true foreground flow against predicted
             alpha_t (the change along the flow against the true change along it), where the flow
@@ -76,6 +82,7 @@ class LossWeights:
     """
 
     l1: float = 1.0
+    mse: float = 0.0
     laplacian: float = 1.0
     grad: float = 1.0
     fgr: float = 0.5
@@ -140,6 +147,10 @@ class RecipeConfig:
         steps: optimizer steps of the whole run (the schedule's length).
         tbptt: frames per truncated back-propagation chunk (the ConvLSTM state is carried across
             chunks, detached; gradients of all chunks add up to one step).
+        prior_off_steps: the first this many steps train with an empty prior (all zeros, and no
+            prior computed), then the real one. Given the prior from the start, the net learns to
+            grow and trim what the prior finds and returns an empty matte where the prior sees
+            nobody; trained on the frames alone first, it learns to find people itself.
         head_init: standard deviation of the last layer's initial weights (0, the default: zero,
             so the untrained net is exactly the prior). The output leaves the prior only as fast
             as that layer grows, which on varied clips is slow; but measured on 7 P3M people
@@ -172,6 +183,7 @@ class RecipeConfig:
     batch_size: int = 2
     steps: int = 1000
     tbptt: int = 4
+    prior_off_steps: int = 0
     head_init: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -193,7 +205,8 @@ class RecipeConfig:
             raise ValueError(f"bn: must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         for name in ("frames", "batch_size", "steps", "tbptt"):
             check_range(name, getattr(self, name), ge=1)
-        for name in ("val_every", "checkpoint_every", "log_every", "val_clips", "shuffle_buffer", "seed"):
+        for name in ("val_every", "checkpoint_every", "log_every", "val_clips", "shuffle_buffer", "seed",
+                     "prior_off_steps"):
             check_range(name, getattr(self, name), ge=0)
         check_range("val_share", self.val_share, ge=0.0, lt=1.0)
 

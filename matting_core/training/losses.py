@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 __all__ = ["warp", "laplacian_pyramid", "laplacian_loss", "sobel", "matting_losses", "TERMS"]
 
-TERMS = ("l1", "laplacian", "grad", "fgr", "temporal_warp", "temporal_diff")
+TERMS = ("l1", "mse", "laplacian", "grad", "fgr", "temporal_warp", "temporal_diff")
 
 
 def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def matting_losses(pred_pha: torch.Tensor, pred_fgr: torch.Tensor, batch, weight
     only serve as frame t-1 of the temporal terms (truncated back-propagation passes the last,
     detached, prediction of the previous chunk this way); spatial terms skip them.
     Terms (each a mean, so weights do not depend on the batch or frame size):
-    - l1: |alpha_p - alpha_t|; laplacian: Laplacian-pyramid L1; grad: Sobel-gradient L1;
+    - l1: |alpha_p - alpha_t|; mse: (alpha_p - alpha_t)^2; laplacian: Laplacian-pyramid L1; grad: Sobel-gradient L1;
     - fgr: |F_p - F_t| over pixels with true alpha > 0;
     - temporal_warp: |(a_t - W(a_{t-1})) - (t_t - W(t_{t-1}))| with W the warp by the true flow,
       over pixels where `batch.flow_valid` is set and the truth is consistent under the flow
@@ -102,6 +102,7 @@ def matting_losses(pred_pha: torch.Tensor, pred_fgr: torch.Tensor, batch, weight
     t = true_pha[:, c:].flatten(0, 1)
     terms: dict[str, torch.Tensor] = {}
     terms["l1"] = F.l1_loss(p, t)
+    terms["mse"] = F.mse_loss(p, t)
     terms["laplacian"] = laplacian_loss(p, t)
     terms["grad"] = F.l1_loss(sobel(p), sobel(t))
     terms["fgr"] = _masked_mean((pred_fgr[:, c:] - true_fgr[:, c:]).abs(), (true_pha[:, c:] > 0).float())
