@@ -216,7 +216,12 @@ def _claim_output(out: str) -> str | None:
 # CPUs). Frames of 192x96 buy more steps in the demo's minutes than 256x144, and keep the smaller
 # people that 128x72 loses; the network pads to multiples of 32, so 192x108 would cost 192x128.
 # (The README's demo section has the measurements.)
-DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]},
+# The first half of the steps train on the frames alone (`prior_off_steps`, set from --steps by
+# `demo_recipe`), with an alpha squared error beside L1 (`loss.mse`): seeded with the prior from the
+# start, the net only grew and trimmed what the prior found, and returned an empty matte on a
+# held-out scene where the prior sees nobody; L1 alone keeps a net that must find people itself
+# at an empty matte for all of a demo's steps.
+DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]}, "loss": {"mse": 10.0},
                "optim": {"lr": 2e-3, "encoder_lr_scale": 1.0, "freeze_stages": 0, "head_lr_scale": 1.0,
                          "calibration_lr_scale": 1.0, "warmup_steps": 30}}
 # The demo's clips are made at (W, H) 256x144, not generate's 512x288: training crops them to
@@ -225,6 +230,11 @@ DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]},
 # validation clips are (W, H) BENCHMARK_SIZE.
 DEMO_CLIP_SIZE = (256, 144)
 BENCHMARK_SIZE = (512, 288)
+
+
+def demo_recipe(steps: int) -> dict:
+    """DEMO_RECIPE for a run of `steps` steps: the first half of them on the frames alone."""
+    return {**DEMO_RECIPE, "prior_off_steps": steps // 2}
 
 
 def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: dict) -> tuple[str, int]:
@@ -236,7 +246,7 @@ def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: di
           f"-> models:/{cfg.model_name}@candidate")
     train = TrainConfig(data=os.path.join(out, "clips"), val_data=os.path.join(out, "val-clips"), preset="cpu-small",
                         steps=cfg.steps, workers=cfg.workers, storage=os.path.join(out, "runs"), experiment="demo",
-                        run_name=f"demo-{cfg.steps}", register_as=cfg.model_name, recipe=DEMO_RECIPE)
+                        run_name=f"demo-{cfg.steps}", register_as=cfg.model_name, recipe=demo_recipe(cfg.steps))
     try:
         result = run_train(train, out=sys.stdout)
     except TrainRefused as exc:

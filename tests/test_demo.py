@@ -37,6 +37,9 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     from pipelines.demo import DEMO_RECIPE
 
     assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
+    # the first half of the steps on the frames alone, with the squared error beside L1
+    assert run.data.params["recipe.prior_off_steps"] == str(int(run.data.params["recipe.steps"]) // 2) != "0"
+    assert run.data.params["recipe.loss.mse"] == "10.0"
     assert "output curve gain" in summary and "val/curve_gain" in run.data.metrics
     assert "val/refine_radius" in run.data.metrics and "val/fitted_mad" in run.data.metrics
     m = run.data.metrics  # the fit's dtSSD bound, as the run logged it
