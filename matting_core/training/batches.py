@@ -427,7 +427,7 @@ def iter_batches(records: Iterable[ClipRecord], cfg, prior_stream: PriorStream, 
     for n, record in enumerate(records):
         step, index = first_step + n // size, n % size
         group.append(make_sample(record, cfg, sample_rng(cfg.seed, step, rank, index), prior_stream, augment=augment,
-                                 native_size=native_size, empty_prior=augment and step < cfg.prior_off_steps))
+                                 native_size=native_size, empty_prior=augment and cfg.prior_is_off(step)))
         if len(group) == size:
             yield collate(group)
             group = []

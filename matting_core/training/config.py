@@ -210,6 +210,10 @@ class RecipeConfig:
             check_range(name, getattr(self, name), ge=0)
         check_range("val_share", self.val_share, ge=0.0, lt=1.0)
 
+    def prior_is_off(self, step: int) -> bool:
+        """Whether training step `step` (0-based) has an empty prior (`prior_off_steps`)."""
+        return step < self.prior_off_steps
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
