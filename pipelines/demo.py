@@ -43,8 +43,8 @@ class DemoConfig:
     held_out_videos: PositiveInt = option(3, "procedural background videos held out for the benchmark "
                                           "(as many for validation)", metavar="N")
     steps: PositiveInt = option(400, "training steps (cpu-small preset with DEMO_RECIPE)", metavar="K")
-    benchmark_clips: PositiveInt = option(3, "benchmark clips", metavar="N")
-    benchmark_frames: Annotated[int, Interval(ge=2)] = option(24, "frames per benchmark clip", metavar="T")
+    benchmark_clips: PositiveInt = option(12, "benchmark clips", metavar="N")
+    benchmark_frames: Annotated[int, Interval(ge=2)] = option(16, "frames per benchmark clip", metavar="T")
     model_name: str = option("demo-matting", "registered model name", metavar="NAME")
     model: str = option("", "matte with this checkpoint or models:/ reference instead of training one",
                         metavar="REF")

@@ -11,20 +11,25 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     out = tmp_path / "demo"
     # what the demo sets when nothing is configured; set here so the test session gets it back after
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
-    status = main(["demo", "--out", str(out), "--clips", "16", "--photos", "6", "--held-out", "2", "--videos", "2",
-                   "--held-out-videos", "1", "--val-clips", "4", "--steps", "12", "--benchmark-clips", "1", "--benchmark-frames", "8"])
+    # What `make demo` runs: its sources, 400 steps, 12 benchmark clips of 16 frames. Fewer sources
+    # save little time and widen the trained model's spread (README, the demo).
+    status = main(["demo", "--out", str(out)])
     text = capsys.readouterr().out
     assert status == 0, text
     summary = text[text.index("demo summary"):]
     assert "models:/demo-matting/1 (aliases candidate, champion)" in summary
-    # one clip shows one of the two held-out people, and the summary says so
-    assert "1 clips x 8 frames (1 of 2 held-out people, 1 of 1 scenes)" in summary
+    # the clips show every held-out person and scene, and the summary says so
+    assert "12 clips x 16 frames (4 of 4 held-out people, 3 of 3 scenes)" in summary
     model_mad = float(re.search(r"model MAD ([0-9.]+)", summary).group(1))
     baseline_mad = float(re.search(r"best prior-only baseline \S+: MAD ([0-9.]+)", summary).group(1))
+    # Trained, the model beats the best prior-only baseline by a margin that 12 steps do not reach
+    # (0.97x). Not the goal's 0.5x and 30: runs of this recipe on one machine spread over 0.36-0.57x
+    # (README, the demo): a limit one run in five misses would make the suite flaky, not safer.
+    assert model_mad <= 0.75 * baseline_mad, summary
     report = json.loads((out / "report" / "evaluation.json").read_text())
     frames = {m["name"]: m["evaluated_frames"] for m in report["methods"]}
     methods = {m["name"]: m["overall"] for m in report["methods"]}
-    assert abs(methods["model"]["mad"] - model_mad) < 0.1 and frames["model"] == 8
+    assert abs(methods["model"]["mad"] - model_mad) < 0.1 and frames["model"] == 12 * 16
     baselines = {k: v["mad"] for k, v in methods.items() if k != "model"}
     assert "selfie-smooth" in baselines and abs(min(baselines.values()) - baseline_mad) < 0.1
     # the MLflow store of the demo is its own, under --out: the run, its loss curve and the registry
