@@ -175,7 +175,7 @@ def _train_worker(config: dict[str, Any]) -> None:
                 record = train_index.read(clip_id, RECORD_COLUMNS, frames=slice(start, start + recipe.frames))
                 # inside the try: bgr is decoded only when the sample draws a pause, here
                 samples.append(make_sample(record, recipe, rng, prior_stream, window_drawn=True,
-                                           empty_prior=recipe.prior_is_off(s)))
+                                           empty_prior=recipe.prior_is_off(s, rank, i)))
             except Exception as exc:  # a corrupt row costs itself, not the run
                 skipped += 1
                 log.warning("clip %d skipped: %s", clip_id, exc)

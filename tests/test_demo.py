@@ -22,10 +22,9 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     assert "12 clips x 16 frames (4 of 4 held-out people, 3 of 3 scenes)" in summary
     model_mad = float(re.search(r"model MAD ([0-9.]+)", summary).group(1))
     baseline_mad = float(re.search(r"best prior-only baseline \S+: MAD ([0-9.]+)", summary).group(1))
-    # Trained, the model beats the best prior-only baseline by a margin that 12 steps do not reach
-    # (0.97x). Not the goal's 0.5x and 30: runs of this recipe on one machine spread over 0.36-0.57x
-    # (README, the demo): a limit one run in five misses would make the suite flaky, not safer.
-    assert model_mad <= 0.75 * baseline_mad, summary
+    # the goal on the held-out clips: MAD at most 30 and at most half the best prior-only
+    # baseline's (12 training steps give 0.97x; runs of this recipe here, 0.29-0.32x)
+    assert model_mad <= 30 and model_mad <= 0.5 * baseline_mad, summary
     report = json.loads((out / "report" / "evaluation.json").read_text())
     frames = {m["name"]: m["evaluated_frames"] for m in report["methods"]}
     methods = {m["name"]: m["overall"] for m in report["methods"]}
@@ -42,8 +41,9 @@ def test_demo_trains_promotes_infers_and_evaluates(ray_runtime, tmp_path, capsys
     from pipelines.demo import DEMO_RECIPE
 
     assert run.data.params["recipe.bn"] == DEMO_RECIPE["bn"] == "sync"
-    # the first half of the steps on the frames alone, with the squared error beside L1
+    # the first half of the steps on the frames alone, then 30% of the samples, with the squared error beside L1
     assert run.data.params["recipe.prior_off_steps"] == str(int(run.data.params["recipe.steps"]) // 2) != "0"
+    assert run.data.params["recipe.prior_off_share"] == "0.3"
     assert run.data.params["recipe.loss.mse"] == "10.0"
     assert "output curve gain" in summary and "val/curve_gain" in run.data.metrics
     assert "val/refine_radius" in run.data.metrics and "val/fitted_mad" in run.data.metrics

@@ -238,6 +238,28 @@ def test_the_first_prior_off_steps_train_with_an_empty_prior_and_never_run_it(re
     assert float(val.prior.min()) == pytest.approx(0.5)
 
 
+def test_a_share_of_the_later_samples_keeps_an_empty_prior_and_nothing_else_moves():
+    cfg = _cfg(prior_off_steps=2, prior_off_share=0.3)
+    off = [[cfg.prior_is_off(step, rank, i) for i in range(2) for rank in range(2)] for step in range(2, 502)]
+    assert all(cfg.prior_is_off(step, rank) for step in range(2) for rank in range(2))
+    assert 0.25 < np.mean(off) < 0.35
+    assert off == [[cfg.prior_is_off(step, rank, i) for i in range(2) for rank in range(2)] for step in range(2, 502)]
+    # the draws are the sample's own: other ranks and indices of a step differ
+    assert len({tuple(row) for row in off}) > 4
+    plain = _cfg(prior_off_steps=2)
+    assert not any(plain.prior_is_off(step, 0, i) for step in range(2, 200) for i in range(2))
+    with pytest.raises(ValueError, match="prior_off_share"):
+        _cfg(prior_off_share=1.5)
+
+
+def test_iter_batches_empties_the_prior_of_the_samples_the_share_draws(records):
+    cfg = _cfg(prior_off_share=0.5, augment=PLAIN)
+    batches = list(iter_batches(records[:8], cfg, _const_stream()))
+    empty = [float(b.prior[i].abs().max()) == 0.0 for b in batches for i in range(cfg.batch_size)]
+    assert empty == [cfg.prior_is_off(step, 0, i) for step in range(len(batches)) for i in range(cfg.batch_size)]
+    assert any(empty) and not all(empty)
+
+
 def test_validation_samples_are_whole_frames_scaled_to_fit(records):
     s = make_sample(records[0], _cfg(augment=AugmentConfig(size=(64, 64))), sample_rng(0, 0, 0), _const_stream(),
                     augment=False)

@@ -420,14 +420,15 @@ def iter_batches(records: Iterable[ClipRecord], cfg, prior_stream: PriorStream, 
 
     With `drop_last` an incomplete last batch is dropped (every step sees the same batch size);
     `native_size` (with `augment` off) keeps the clips' own size (see `make_sample`); with
-    `augment`, steps before `cfg.prior_off_steps` get an empty prior.
+    `augment`, steps before `cfg.prior_off_steps` (and `cfg.prior_off_share` of the samples after
+    them) get an empty prior.
     """
     size = int(batch_size or cfg.batch_size)
     group: list[dict] = []
     for n, record in enumerate(records):
         step, index = first_step + n // size, n % size
         group.append(make_sample(record, cfg, sample_rng(cfg.seed, step, rank, index), prior_stream, augment=augment,
-                                 native_size=native_size, empty_prior=augment and cfg.prior_is_off(step)))
+                                 native_size=native_size, empty_prior=augment and cfg.prior_is_off(step, rank, index)))
         if len(group) == size:
             yield collate(group)
             group = []

@@ -10,7 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from matting_core.config_checks import check_range
+
+_PRIOR_OFF_STREAM = 0x9F1  # keeps `prior_off_share`'s draws apart from every other seeded stream
 
 __all__ = ["AugmentConfig", "LossWeights", "OptimConfig", "RecipeConfig", "PRESETS", "BN_MODES",
            "recipe_to_dict", "recipe_from_dict"]
@@ -151,6 +155,9 @@ class RecipeConfig:
             prior computed), then the real one. Given the prior from the start, the net learns to
             grow and trim what the prior finds and returns an empty matte where the prior sees
             nobody; trained on the frames alone first, it learns to find people itself.
+        prior_off_share: after `prior_off_steps`, this share of the training samples (drawn per
+            sample, apart from its augmentation) still has an empty prior, so the net keeps
+            finding people the prior misses and learns what is not a person without the prior.
         head_init: standard deviation of the last layer's initial weights (0, the default: zero,
             so the untrained net is exactly the prior). The output leaves the prior only as fast
             as that layer grows, which on varied clips is slow; but measured on 7 P3M people
@@ -184,6 +191,7 @@ class RecipeConfig:
     steps: int = 1000
     tbptt: int = 4
     prior_off_steps: int = 0
+    prior_off_share: float = 0.0
     head_init: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -209,10 +217,17 @@ class RecipeConfig:
                      "prior_off_steps"):
             check_range(name, getattr(self, name), ge=0)
         check_range("val_share", self.val_share, ge=0.0, lt=1.0)
+        check_range("prior_off_share", self.prior_off_share, ge=0.0, le=1.0)
 
-    def prior_is_off(self, step: int) -> bool:
-        """Whether training step `step` (0-based) has an empty prior (`prior_off_steps`)."""
-        return step < self.prior_off_steps
+    def prior_is_off(self, step: int, rank: int = 0, index: int = 0) -> bool:
+        """Whether sample `index` of step `step` (0-based) on worker `rank` has an empty prior."""
+        if step < self.prior_off_steps:
+            return True
+        if not self.prior_off_share:
+            return False
+        # its own stream: the sample's augmentation draws stay what they are without the share
+        draw = np.random.default_rng([int(self.seed), int(step), int(rank), int(index), _PRIOR_OFF_STREAM])
+        return bool(draw.random() < self.prior_off_share)
 
 
 def _plain(value: Any) -> Any:
