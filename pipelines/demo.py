@@ -220,8 +220,10 @@ def _claim_output(out: str) -> str | None:
 # `demo_recipe`), with an alpha squared error beside L1 (`loss.mse`): seeded with the prior from the
 # start, the net only grew and trimmed what the prior found, and returned an empty matte on a
 # held-out scene where the prior sees nobody; L1 alone keeps a net that must find people itself
-# at an empty matte for all of a demo's steps.
-DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]}, "loss": {"mse": 10.0},
+# at an empty matte for all of a demo's steps. After those steps 30% of the samples keep an empty
+# prior: without them the net kept calling bright patches of the background a person where the
+# prior is empty (README, the demo).
+DEMO_RECIPE = {"bn": "sync", "augment": {"size": [192, 96]}, "loss": {"mse": 10.0}, "prior_off_share": 0.3,
                "optim": {"lr": 2e-3, "encoder_lr_scale": 1.0, "freeze_stages": 0, "head_lr_scale": 1.0,
                          "calibration_lr_scale": 1.0, "warmup_steps": 30}}
 # The demo's clips are made at (W, H) 256x144, not generate's 512x288: training crops them to
@@ -233,10 +235,8 @@ BENCHMARK_SIZE = (512, 288)
 
 
 def demo_recipe(steps: int) -> dict:
-    """DEMO_RECIPE for a run of `steps` steps: the first half of them on the frames alone, then 30% of the samples."""
-    # Without the later share the net, which learned to find people from the frames, kept calling
-    # bright patches of the background a person where the prior is empty (README, the demo).
-    return {**DEMO_RECIPE, "prior_off_steps": steps // 2, "prior_off_share": 0.3}
+    """DEMO_RECIPE for a run of `steps` steps: the first half of them on the frames alone."""
+    return {**DEMO_RECIPE, "prior_off_steps": steps // 2}
 
 
 def _train_and_promote(cfg: DemoConfig, out: str, k: int, stages: int, facts: dict) -> tuple[str, int]:
